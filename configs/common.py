@@ -1,0 +1,116 @@
+"""Pieces every task config shares: the config tree, the `arg` parser, the tiny shrink.
+
+A task file's get_config(arg) reads `arg` as comma-separated options, big_vision style:
+    "performer"                variant name (any registered attention variant)
+    "local,tiny"               variant + the tiny shrink (trains in seconds on a CPU)
+    "linformer,len=4000"       key=value options the task file understands
+The first option that names a registered variant picks it (default: dense).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+import attention
+from configs import variants as variant_table
+
+
+def parse_arg(arg: str | None, known_flags=("tiny", "small"), known_keys=()):
+    """-> (variant name, set of flags, dict of key=value). ValueError on anything unknown."""
+    variant, flags, keys = "dense", set(), {}
+    for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
+        if "=" in part:
+            key, value = part.split("=", 1)
+            if key not in known_keys:
+                raise ValueError(
+                    f"config option {part!r}: unknown key {key!r}; valid keys: "
+                    f"{', '.join(known_keys) or 'none'}")
+            keys[key] = value
+        elif part in known_flags:
+            flags.add(part)
+        elif part in attention.VARIANTS:
+            variant = part
+        else:
+            raise ValueError(
+                f"config option {part!r} is neither a flag ({', '.join(known_flags)}) nor an "
+                f"attention variant. Valid variants: {', '.join(attention.names())}")
+    return variant, flags, keys
+
+
+def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
+    """The shared tree with neutral defaults; task files set the published values."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.num_layers = 4           # encoder blocks
+    c.model.num_heads = 8
+    c.model.emb_dim = 512            # token embedding / residual width
+    c.model.qkv_dim = 512            # total width of q, k, v over all heads
+    c.model.mlp_dim = 1024           # block MLP hidden width and classifier hidden width
+    c.model.dropout_rate = 0.1
+    c.model.attention_dropout_rate = 0.1
+    c.model.pooling = "cls"          # "cls" (learned CLS vector prepended) | "mean" (real tokens)
+    c.model.pos_embedding = "sinusoidal"   # "sinusoidal" | "learned"
+    c.model.interaction = "nli"      # pair tasks: [u, v, u*v, u-v] -> MLP ("concat": [u, v])
+    c.model.dtype = "float32"        # activations: "float32" | "bfloat16"
+
+    c.attention = attention_config(variant, task)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.task = task
+    c.data.data_dir = ""             # released files / tfds dir; "" = the task's default
+    c.data.cache_dir = "data_cache"  # generated data lands here
+    c.data.max_len = 2000
+    c.data.batch_size = 32           # global batch, split over all devices
+    c.data.eval_batch_size = 64
+    c.data.workers = 2               # prefetch threads
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 5000
+    c.train.learning_rate = 0.05
+    c.train.schedule = "rsqrt"       # "rsqrt" (linear warmup, then rsqrt decay) | "cosine" | "constant"
+    c.train.warmup_steps = 1000
+    c.train.weight_decay = 0.1       # decoupled (AdamW)
+    c.train.b1 = 0.9
+    c.train.b2 = 0.98
+    c.train.eps = 1e-9
+    c.train.grad_clip = 0.0          # global-norm clip; 0 = off
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.eval_examples = 0        # examples per validation pass during training; 0 = all
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+    c.train.distributed = False      # call jax.distributed.initialize() (multi-host)
+    return c
+
+
+def attention_config(variant: str, task: str) -> ml_collections.ConfigDict:
+    """name, impl and every hyperparameter of the variant (so each can be overridden)."""
+    hp = attention.hparams_for(variant, variant_table.for_task(variant, task))
+    c = ml_collections.ConfigDict()
+    c.name = variant
+    c.impl = "xla"                   # "xla" | "pallas"
+    for key, value in hp.items():
+        c[key] = value
+    return c
+
+
+def shrink_tiny(c: ml_collections.ConfigDict, *, max_len: int = 64):
+    """The `tiny` option: a model and run that train in seconds on a CPU (used by tests)."""
+    c.model.num_layers = 1
+    c.model.num_heads = 2
+    c.model.emb_dim = 32
+    c.model.qkv_dim = 32
+    c.model.mlp_dim = 64
+    c.data.max_len = max_len
+    c.data.batch_size = 8
+    c.data.eval_batch_size = 16
+    c.train.steps = 20
+    c.train.warmup_steps = 5
+    c.train.log_every = 5
+    c.train.eval_every = 10
+    c.train.checkpoint_every = 10
+    c.train.eval_examples = 64
+    variant_table.shrink_for_length(c.attention, max_len)
+    return c
