@@ -22,7 +22,8 @@ import importlib
 import pkgutil
 from typing import Any, Callable, Mapping
 
-__all__ = ["Variant", "VARIANTS", "get", "register", "names", "hparams_for"]
+__all__ = ["Variant", "VARIANTS", "PALLAS", "get", "register", "register_pallas",
+           "implementation", "names", "hparams_for"]
 
 
 def _no_state(key, *, q_len, kv_len, num_heads, head_dim, **hparams):
@@ -59,8 +60,13 @@ class Variant:
     update_buffers: Callable[..., dict] | None = None
     supports_dropout: bool = False
 
-    def __call__(self, q, k, v, **kwargs):
-        return self.fn(q, k, v, **kwargs)
+    def __call__(self, q, k, v, *, impl: str = "xla", **kwargs):
+        """fn(q, k, v, **kwargs) with impl="xla", or the Pallas kernel with impl="pallas"."""
+        return implementation(self.name, impl)(q, k, v, **kwargs)
+
+    @property
+    def has_pallas(self) -> bool:
+        return self.name in PALLAS
 
 
 # How compiled cost grows with the sequence length n (other hyperparameters fixed). The
@@ -74,6 +80,9 @@ COMPLEXITIES = {
 }
 
 VARIANTS: dict[str, Variant] = {}
+# name -> Pallas implementation with the same signature as the variant's fn (attention/pallas/).
+PALLAS: dict[str, Callable[..., Any]] = {}
+IMPLS = ("xla", "pallas")
 
 
 def register(
@@ -110,6 +119,32 @@ def register(
         return fn
 
     return deco
+
+
+def register_pallas(name: str):
+    """Decorator: registers a Pallas implementation of the (already registered) variant."""
+
+    def deco(fn):
+        if name in PALLAS:
+            raise ValueError(f"Pallas implementation of {name!r} is registered twice")
+        PALLAS[name] = fn
+        return fn
+
+    return deco
+
+
+def implementation(name: str, impl: str = "xla") -> Callable[..., Any]:
+    """The function computing variant `name` with `impl` ("xla" | "pallas")."""
+    variant = get(name)
+    if impl == "xla":
+        return variant.fn
+    if impl == "pallas":
+        if name not in PALLAS:
+            raise ValueError(
+                f"attention variant {name!r} has no Pallas kernel; variants with one: "
+                f"{', '.join(sorted(PALLAS)) or 'none'}. Use impl='xla'.")
+        return PALLAS[name]
+    raise ValueError(f"attention impl must be one of {IMPLS}; got {impl!r}")
 
 
 def names() -> list[str]:
