@@ -1,0 +1,215 @@
+"""Sweep attention variants over LRA tasks: one workdir per run, resumable, failure-tolerant.
+
+    python -m tools.sweep --tasks listops --variants dense,local --root runs/sweep \\
+        --set train.steps=200 --arg small
+    python -m tools.sweep --tasks all --variants all --root runs/full
+
+Each run trains `configs/<task>.py:<variant>[,<arg>]` in ROOT/<task>/<variant>/ with
+`python train.py` in its own subprocess (a crash, an out-of-memory kill or a hung compile ends
+that run only). Per run the sweep writes status.json (status, command, times, return code) and
+log.txt (the run's stdout and stderr); a failed run also gets error.txt (the traceback).
+Re-running the same command skips finished runs (results.json present), resumes unfinished
+ones from their latest checkpoint (the training loop does that) and retries failed ones.
+ROOT/sweep.json lists every run of the latest invocation and its status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+from tools.common import REPO_ROOT, registered_tasks, task_order
+
+FINISHED, UNFINISHED, FAILED, NEW, RUNNING = "finished", "unfinished", "failed", "new", "running"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    task: str
+    variant: str
+    workdir: str
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def parse_list(value: str, valid: list[str], what: str) -> list[str]:
+    """'a,b' or 'all' -> names; ValueError naming what is valid otherwise."""
+    if value.strip() == "all":
+        return list(valid)
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise ValueError(f"--{what}: empty list; give names or 'all' (valid: {', '.join(valid)})")
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ValueError(f"--{what}: unknown {', '.join(map(repr, bad))}; valid: "
+                         f"{', '.join(valid)} or 'all'")
+    return list(dict.fromkeys(names))
+
+
+def parse_sets(sets: list[str]) -> list[tuple[str, str]]:
+    """['train.steps=200'] -> [('train.steps', '200')]; ValueError on a malformed item."""
+    out = []
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or key.strip().startswith("-"):
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. train.steps=200")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def plan(tasks: list[str], variants: list[str], root: str) -> list[Run]:
+    return [Run(t, v, os.path.join(root, t, v)) for t in task_order(tasks) for v in variants]
+
+
+def read_status(workdir: str) -> dict:
+    try:
+        with open(os.path.join(workdir, "status.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def run_state(workdir: str) -> str:
+    """finished (results.json), failed (last attempt failed), unfinished (started), or new."""
+    if os.path.exists(os.path.join(workdir, "results.json")):
+        return FINISHED
+    if read_status(workdir).get("status") == FAILED:
+        return FAILED
+    if os.path.exists(os.path.join(workdir, "config.json")) or \
+            os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return UNFINISHED
+    return NEW
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def command_for(run: Run, sets, arg: str) -> list[str]:
+    spec = run.variant + (f",{arg}" if arg else "")
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "train.py"),
+           f"--config={os.path.join(REPO_ROOT, 'configs', run.task + '.py')}:{spec}",
+           f"--workdir={os.path.abspath(run.workdir)}"]
+    cmd += [f"--config.{k}={v}" for k, v in sets]
+    return cmd
+
+
+def error_text(stderr: str, limit: int = 120) -> str:
+    """The last traceback in stderr (or its last lines when there is none)."""
+    lines = stderr.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    lines = lines[starts[-1]:] if starts else lines[-40:]
+    return "\n".join(lines[-limit:])
+
+
+def execute(run: Run, sets, arg: str, timeout: float | None = None, echo=print) -> dict:
+    """Runs one training subprocess; writes status.json, log.txt, error.txt. -> status dict."""
+    os.makedirs(run.workdir, exist_ok=True)
+    before = run_state(run.workdir)
+    cmd = command_for(run, sets, arg)
+    status = {"task": run.task, "variant": run.variant, "status": RUNNING,
+              "resumed": before in (UNFINISHED, FAILED), "command": cmd, "started": _now()}
+    status_path = os.path.join(run.workdir, "status.json")
+    _write_json(status_path, status)
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        rc = None
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")) + \
+            f"\nTimeoutError: run exceeded --timeout {timeout} s and was killed\n"
+    with open(os.path.join(run.workdir, "log.txt"), "a") as f:
+        f.write(f"===== {status['started']} {' '.join(cmd)}\n{out}\n----- stderr\n{err}\n")
+    status.update(returncode=rc, ended=_now(), seconds=round(time.time() - t0, 1))
+    error_path = os.path.join(run.workdir, "error.txt")
+    if rc == 0 and os.path.exists(os.path.join(run.workdir, "results.json")):
+        status["status"] = FINISHED
+        if os.path.exists(error_path):
+            os.remove(error_path)
+    else:
+        status["status"] = FAILED
+        if rc is not None and rc < 0:
+            err += f"\nkilled by signal {-rc} (out of memory?)\n"
+        elif rc == 0:
+            err += "\ntrain.py exited 0 but wrote no results.json\n"
+        text = error_text(err)
+        status["error"] = text.splitlines()[-1] if text else f"exit code {rc}"
+        with open(error_path, "w") as f:
+            f.write(text + "\n")
+    _write_json(status_path, status)
+    echo(f"[{run.task}/{run.variant}] {status['status']} in {status['seconds']} s"
+         + (f": {status['error']}" if status["status"] == FAILED else ""))
+    return status
+
+
+def sweep(tasks: list[str], variants: list[str], root: str, sets=(), arg: str = "",
+          timeout: float | None = None, retry_failed: bool = True, echo=print) -> list[dict]:
+    """Runs every (task, variant) not yet finished; returns one summary dict per run."""
+    os.makedirs(root, exist_ok=True)
+    summary = []
+    runs = plan(tasks, variants, root)
+    for n, run in enumerate(runs, 1):
+        state = run_state(run.workdir)
+        entry = {"task": run.task, "variant": run.variant, "workdir": run.workdir,
+                 "before": state}
+        if state == FINISHED or (state == FAILED and not retry_failed):
+            echo(f"[{n}/{len(runs)}] {run.task}/{run.variant}: {state}, skipped")
+            entry["status"] = state
+            entry["action"] = "skipped"
+        else:
+            echo(f"[{n}/{len(runs)}] {run.task}/{run.variant}: "
+                 f"{'resuming' if state in (UNFINISHED, FAILED) else 'starting'}")
+            result = execute(run, sets, arg, timeout=timeout, echo=echo)
+            entry["status"] = result["status"]
+            entry["action"] = "resumed" if result["resumed"] else "started"
+            if result["status"] == FAILED:
+                entry["error"] = result["error"]
+        summary.append(entry)
+    _write_json(os.path.join(root, "sweep.json"), {
+        "date": _now(), "tasks": tasks, "variants": variants, "arg": arg,
+        "sets": [f"{k}={v}" for k, v in sets], "runs": summary})
+    return summary
+
+
+def main(argv=None) -> int:
+    import attention
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", required=True, help="comma-separated task names, or 'all'")
+    p.add_argument("--variants", required=True, help="comma-separated variants, or 'all'")
+    p.add_argument("--root", required=True, help="sweep directory; runs go to ROOT/task/variant")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config override for every run, e.g. train.steps=200 (repeatable)")
+    p.add_argument("--arg", default="", help="config options after the variant, e.g. tiny")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per run (default none)")
+    p.add_argument("--no-retry-failed", action="store_true", help="skip runs that failed before")
+    a = p.parse_args(argv)
+    tasks = parse_list(a.tasks, registered_tasks(), "tasks")
+    variants = parse_list(a.variants, attention.names(), "variants")
+    summary = sweep(tasks, variants, a.root, parse_sets(a.set), a.arg, a.timeout,
+                    retry_failed=not a.no_retry_failed)
+    counts = {}
+    for e in summary:
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    print("sweep: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return 1 if counts.get(FAILED) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
