@@ -1,0 +1,10 @@
+"""Pallas kernels (GPU through the Triton lowering; interpret mode on a CPU).
+
+Importing this package registers each kernel as the `impl="pallas"` implementation of its
+variant (attention.register_pallas), with the variant's own signature plus kernel tile sizes:
+  block_sparse  one block-sparse flash attention for dense, local, strided, sparse,
+                sparse_fixed, longformer, bigbird (block lists from block_mask)
+  linear        chunked linear attention for linear and performer
+"""
+
+from attention.pallas import block_mask, block_sparse, linear  # noqa: F401  (registration)
