@@ -93,7 +93,7 @@ def make_train_step(graphdef, seed: int):
             return losses.mean(), correct.mean()
 
         (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         before = nnx.state((model, opt))
         opt.update(model, grads)
@@ -101,7 +101,7 @@ def make_train_step(graphdef, seed: int):
         # A non-finite step changes nothing; the host stops the run at its next check.
         new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), after, before)
         metrics = {"loss": loss, "accuracy": acc, "grad_norm": gnorm, "finite": finite,
-                   "param_norm": optax.global_norm(nnx.state(model, nnx.Param))}
+                   "param_norm": optax.tree.norm(nnx.state(model, nnx.Param))}
         return new_state, metrics
 
     return train_step

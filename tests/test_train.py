@@ -1,0 +1,155 @@
+"""The shared training loop end to end on tiny ListOps: learning, exact resume, NaN guard,
+multi-device, bad inputs."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import listops as listops_config
+from training.loop import NonFiniteError, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def fast_compile():
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+def tiny_config(tmp_path, **train):
+    c = listops_config.get_config("dense,tiny")
+    c.data.cache_dir = str(tmp_path / "cache")
+    c.data.workers = 1
+    c.train.update(train)
+    return c
+
+
+def rows(workdir, split="train"):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def saved_params(workdir, step):
+    """All arrays of a checkpoint (model and optimizer state)."""
+    import orbax.checkpoint as ocp
+    ckptr = ocp.StandardCheckpointer()
+    tree = ckptr.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return jax.tree.leaves(tree)
+
+
+def test_loss_falls_and_outputs_written(tmp_path):
+    c = tiny_config(tmp_path, steps=80, log_every=10, eval_every=40, checkpoint_every=40,
+                    learning_rate=0.5, warmup_steps=10)
+    c.data.num_train = 32  # small enough to fit: the loss must fall
+    c.model.dropout_rate = c.model.attention_dropout_rate = 0.0
+    res = train_and_evaluate(c, str(tmp_path / "run"))
+    losses = [r["loss"] for r in rows(tmp_path / "run")]
+    assert np.mean(losses[-3:]) < 0.85 * losses[0], losses
+    for key in ("steps_per_sec", "examples_per_sec", "learning_rate", "grad_norm"):
+        assert key in rows(tmp_path / "run")[0]
+    assert [r["step"] for r in rows(tmp_path / "run", "validation")] == [40, 80]
+    with open(tmp_path / "run" / "results.json") as f:
+        saved = json.load(f)
+    assert saved["test_accuracy"] == res["test_accuracy"]
+    assert saved["num_params"] > 0 and saved["config"]["attention"]["name"] == "dense"
+    assert glob.glob(str(tmp_path / "run" / "tensorboard" / "events.*"))
+
+
+def test_exact_resume(tmp_path):
+    full = tiny_config(tmp_path, steps=12, checkpoint_every=6, eval_every=100)
+    train_and_evaluate(full, str(tmp_path / "full"))
+    part = tiny_config(tmp_path, steps=6, checkpoint_every=6, eval_every=100)
+    train_and_evaluate(part, str(tmp_path / "resumed"))
+    train_and_evaluate(full, str(tmp_path / "resumed"))  # same workdir: resumes at step 6
+    a, b = saved_params(tmp_path / "full", 12), saved_params(tmp_path / "resumed", 12)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    steps = [r["step"] for r in rows(tmp_path / "resumed")]
+    assert steps == sorted(steps) and steps[-1] == 12
+
+
+def test_nan_guard_names_step_and_saves_no_nan(tmp_path):
+    c = tiny_config(tmp_path, steps=12, checkpoint_every=2, eval_every=100, log_every=100,
+                    learning_rate=float("inf"), warmup_steps=0, schedule="constant")
+    with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient at step \d+"):
+        train_and_evaluate(c, str(tmp_path / "nan"))
+    for d in glob.glob(str(tmp_path / "nan" / "checkpoints" / "*")):
+        for leaf in saved_params(tmp_path / "nan", int(os.path.basename(d))):
+            assert np.isfinite(np.asarray(leaf, np.float64)).all()
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+    c = tiny_config(tmp_path, steps=2, eval_every=100)
+    train_and_evaluate(c, str(tmp_path / "w"))
+    before = sorted(os.listdir(tmp_path / "w" / "checkpoints"))
+    other = tiny_config(tmp_path, steps=2, eval_every=100)
+    other.model.emb_dim = 16
+    with pytest.raises(ValueError, match="holds a run of another config.*model.emb_dim"):
+        train_and_evaluate(other, str(tmp_path / "w"))
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == before
+    with open(tmp_path / "w" / "config.json") as f:
+        assert json.load(f)["model"]["emb_dim"] == 32
+
+
+def start_cli(*args, env=None):
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(proc):
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_cli(*args, env=None):
+    return finish(start_cli(*args, env=env))
+
+
+def test_four_devices_match_one(tmp_path):
+    """The same tiny run on 4 fake CPU devices (batch sharded) gives the 1-device losses."""
+    args = ["--config=configs/listops.py:dense,tiny", "--config.train.steps=6",
+            "--config.train.log_every=1", "--config.train.eval_every=100",
+            f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.model.dropout_rate=0",
+            "--config.model.attention_dropout_rate=0"]
+    one = start_cli(*args, f"--workdir={tmp_path / 'one'}",
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    four = start_cli(*args, f"--workdir={tmp_path / 'four'}",
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    one, four = finish(one), finish(four)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert four.returncode == 0, four.stderr[-2000:]
+    assert "devices 4 x cpu" in four.stdout + four.stderr
+    l1 = [r["loss"] for r in rows(tmp_path / "one")]
+    l4 = [r["loss"] for r in rows(tmp_path / "four")]
+    assert len(l1) == 6
+    np.testing.assert_allclose(l4, l1, rtol=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/listops.py:nosuchvariant"], "neither a flag .* nor an attention variant"),
+    (["--config=configs/nosuchtask.py"], "nosuchtask.py"),
+    (["--config=configs/listops.py:tiny", "--config.train.stepz=3"], "stepz"),
+    (["--config=configs/listops.py:tiny", "--config.train.steps=abc"], "abc"),
+])
+def test_cli_bad_input(tmp_path, args, message):
+    out = run_cli(*args, f"--workdir={tmp_path / 'w'}")
+    assert out.returncode != 0
+    assert __import__("re").search(message, out.stderr), out.stderr[-1500:]
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_unknown_task(tmp_path):
+    c = tiny_config(tmp_path)
+    c.data.task = "sudoku"
+    with pytest.raises(ValueError, match="Unrecognized task: 'sudoku'. Valid tasks: .*listops"):
+        train_and_evaluate(c, str(tmp_path / "w"))
