@@ -1,15 +1,20 @@
 """Chunked linear attention in Pallas (Katharopoulos et al., 2020, eq. 4-9; chunked as in
-flash-linear-attention): num_i = phi(q_i)^T sum_j phi(k_j) v_j^T, den_i = phi(q_i)^T sum_j phi(k_j),
-the sums over all j (non-causal) or j <= i (causal).
+flash-linear-attention): out_i = phi(q_i)^T S_i / phi(q_i)^T z_i with S_i = sum_j phi(k_j) v_j^T
+and z_i = sum_j phi(k_j), the sums over all j (non-causal) or over j <= i (causal).
 
 The sequence is cut into chunks of C rows. A state pass per batch-head walks the chunks in order
-and writes the state before each chunk, S_c = sum_{chunks < c} phi(K)^T V and z_c, the sum of
-phi(K) rows; a chunk-parallel pass then gives num_c = phi(Q_c) S_c + tril(phi(Q_c) phi(K_c)^T) V_c
-(and den_c alike). Non-causal: one total state, no intra-chunk term. The backward pass has the
-same two-pass shape (forward states for dphi(Q); reverse-cumulative states of phi(Q)^T dnum for
-dphi(K) and dV), wired through jax.custom_vjp. The feature maps (elu+1 of `linear`, FAVOR+ and
-friends of `performer`) are the XLA variants' own, applied outside the kernels, so both impls
-compute the same function; only the O(n) contractions run in Pallas.
+and writes the state before each chunk (S_c, z_c: sums over the earlier chunks); a
+chunk-parallel pass then gives num_c = phi(Q_c) S_c + tril(phi(Q_c) phi(K_c)^T) V_c and den_c
+alike. Non-causal: one total state, no intra-chunk term. The backward pass has the same shape:
+dphi(Q) from the forward states, dphi(K) and dV from reverse-cumulative states of
+phi(Q)^T dnum (a reverse state pass), wired through jax.custom_vjp.
+
+Exponential key features given as logarithms (Performer's FAVOR+, `k_log=True`) are stabilised
+like attention/_kernels.py: non-causal against one max over real keys; causal against per-chunk
+maxima m_c and their running max M_c, so chunk b's keys enter query chunk a's sums with weight
+exp(m_b - M_a) <= 1. The state passes carry that rescaling (S_{c+1} = e^{M_{c-1} - M_c} S_c +
+e^{m_c - M_c} phi(K_c)^T V_c). The feature maps are the XLA variants' own, applied outside the
+kernels, so both impls compute the same function; only the O(n) contractions run in Pallas.
 """
 
 from __future__ import annotations
@@ -21,15 +26,16 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from attention.pallas.block_sparse import _pad_axis, _pow2_at_least, pick_block
-
-DEFAULT_CHUNK = 64
+from attention import register_pallas
+from attention._util import NEG_INF, check_causal, check_int, check_qkv
+from attention.pallas.block_sparse import _pad_axis, _pow2_at_least, pick_block, resolve_interpret
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
     chunk: int
     causal: bool
+    scaled: bool          # per-chunk weights (k_log, causal): factor inputs are given
     interpret: bool
     num_warps: int | None = None
     num_stages: int | None = None
@@ -52,17 +58,19 @@ def _tril(c: int):
 
 
 def _state_kernel(a_ref, b_ref, *refs, cfg: _Config, weighted: bool, reverse: bool):
-    """States over chunks of sum_rows a^T b ([F, Dv]) and sum_rows w a ([F]).
+    """Chunk states of sum_rows a^T b ([F, Dv]) and sum_rows w a ([F]).
 
-    a_ref: [T, F]; b_ref: [T, Dv]; w_ref: [T] (weighted) else w = 1.
-    causal: s_ref [NC, F, Dv], z_ref [NC, F] hold, per chunk, the sum over the chunks strictly
-    before it (after it when reverse). non-causal: s_ref [1, F, Dv], z_ref [1, F], the total.
+    a_ref: [T, F]; b_ref: [T, Dv]; w_ref: [T] when weighted (else w = 1); decay_ref, gain_ref:
+    [NC] when cfg.scaled (else 1): state <- decay[c] * state + gain[c] * (chunk c's sums).
+    causal: s_ref [NC, F, Dv], z_ref [NC, F] get, per chunk, the state before the chunk is
+    added (the sum over the earlier chunks; the later ones when reverse). Non-causal: s_ref
+    [1, F, Dv], z_ref [1, F] get the total.
     """
-    if weighted:
-        w_ref, s_ref, z_ref = refs
-    else:
-        w_ref = None
-        s_ref, z_ref = refs
+    refs = list(refs)
+    w_ref = refs.pop(0) if weighted else None
+    decay_ref = refs.pop(0) if cfg.scaled else None
+    gain_ref = refs.pop(0) if (cfg.scaled and not reverse) else None
+    s_ref, z_ref = refs
     c = cfg.chunk
     num_chunks = a_ref.shape[0] // c
 
@@ -75,12 +83,16 @@ def _state_kernel(a_ref, b_ref, *refs, cfg: _Config, weighted: bool, reverse: bo
         start = pl.multiple_of(ci * c, c)
         a = a_ref[pl.ds(start, c), :]
         b = b_ref[pl.ds(start, c), :]
-        s = s + pl.dot(a, b, trans_a=True)
+        ds = pl.dot(a, b, trans_a=True)  # [F, Dv]
         af = a.astype(jnp.float32)
         if weighted:
             af = af * w_ref[pl.ds(start, c)][:, None]
-        z = z + jnp.sum(af, axis=0)
-        return s, z
+        dz = jnp.sum(af, axis=0)
+        if decay_ref is not None:
+            s, z = s * decay_ref[ci], z * decay_ref[ci]
+        if gain_ref is not None:
+            ds, dz = ds * gain_ref[ci], dz * gain_ref[ci]
+        return s + ds, z + dz
 
     init = (jnp.zeros(s_ref.shape[1:], jnp.float32), jnp.zeros(z_ref.shape[1:], jnp.float32))
     s, z = jax.lax.fori_loop(0, num_chunks, body, init)
@@ -89,9 +101,10 @@ def _state_kernel(a_ref, b_ref, *refs, cfg: _Config, weighted: bool, reverse: bo
         z_ref[0] = z
 
 
-def _states(cfg: _Config, a, b, w=None, *, reverse=False):
-    """a: [B, T, H, F]; b: [B, T, H, Dv]; w: [B, H, T] or None -> (S [B, H, NC', F, Dv],
-    z [B, H, NC', F]) with NC' = T / chunk (causal) or 1."""
+def _states(cfg: _Config, a, b, w=None, factors=(), *, reverse=False):
+    """a: [B, T, H, F]; b: [B, T, H, Dv]; w: [B, H, T] or None; factors: [B, H, NC] arrays
+    (decay, and gain unless reverse) when cfg.scaled.
+    -> (S [B, H, NC', F, Dv], z [B, H, NC', F]) float32, NC' = T / chunk (causal) or 1."""
     batch, t, heads, f = a.shape
     dv = b.shape[-1]
     n = t // cfg.chunk if cfg.causal else 1
@@ -101,6 +114,9 @@ def _states(cfg: _Config, a, b, w=None, *, reverse=False):
     if w is not None:
         in_specs.append(pl.BlockSpec((None, None, t), lambda i, j: (i, j, 0)))
         args.append(w)
+    for x in factors:
+        in_specs.append(pl.BlockSpec((None, None, x.shape[-1]), lambda i, j: (i, j, 0)))
+        args.append(x)
     return pl.pallas_call(
         functools.partial(_state_kernel, cfg=cfg, weighted=w is not None, reverse=reverse),
         grid=(batch, heads),
@@ -136,49 +152,79 @@ def _row_spec(cfg: _Config):
     return pl.BlockSpec((None, None, cfg.chunk), lambda ci, b, h: (b, h, ci))  # [B, H, T]
 
 
+def _factor_specs(factors):
+    return [pl.BlockSpec((None, None, x.shape[-1]), lambda ci, b, h: (b, h, 0)) for x in factors]
+
+
+def _weights(cfg: _Config, prev_ref, own_ref):
+    """(weight of the carried state, weight of the own chunk) for this program's chunk."""
+    if not cfg.scaled:
+        return None, None
+    ci = pl.program_id(0)
+    return prev_ref[ci], own_ref[ci]
+
+
 # ---------------------------------------------------------------------------- chunk kernels
 
 
-def _out_kernel(q_ref, k_ref, v_ref, s_ref, z_ref, num_ref, den_ref, *, cfg: _Config):
-    # q_ref, k_ref: [C, F]; v_ref: [C, Dv]; s_ref: [F, Dv]; z_ref: [F]
+def _out_kernel(q_ref, k_ref, v_ref, s_ref, z_ref, *refs, cfg: _Config):
+    # q_ref, k_ref: [C, F]; v_ref: [C, Dv]; s_ref: [F, Dv]; z_ref: [F] -> num [C, Dv], den [C]
+    prev_ref, own_ref, num_ref, den_ref = refs if cfg.scaled else (None, None) + refs
+    prev, own = _weights(cfg, prev_ref, own_ref)
     q = q_ref[...]
-    num = pl.dot(q, s_ref[...].astype(q.dtype))  # [C, Dv]
-    den = jnp.sum(q.astype(jnp.float32) * z_ref[...][None, :], axis=1)  # [C]
+    num = pl.dot(q, s_ref[...].astype(q.dtype))
+    den = jnp.sum(q.astype(jnp.float32) * z_ref[...][None, :], axis=1)
+    if prev is not None:
+        num, den = num * prev, den * prev
     if cfg.causal:
         a = jnp.where(_tril(cfg.chunk), pl.dot(q, k_ref[...], trans_b=True), 0.0)  # [C, C]
-        num = num + pl.dot(a.astype(v_ref.dtype), v_ref[...])
-        den = den + jnp.sum(a, axis=1)
-    num_ref[...] = num.astype(num_ref.dtype)
+        n_in = pl.dot(a.astype(v_ref.dtype), v_ref[...])
+        d_in = jnp.sum(a, axis=1)
+        if own is not None:
+            n_in, d_in = n_in * own, d_in * own
+        num, den = num + n_in, den + d_in
+    num_ref[...] = num
     den_ref[...] = den
 
 
-def _dq_kernel(dn_ref, dd_ref, k_ref, v_ref, s_ref, z_ref, dq_ref, *, cfg: _Config):
+def _dq_kernel(dn_ref, dd_ref, k_ref, v_ref, s_ref, z_ref, *refs, cfg: _Config):
     # dphi(q)_i = S_i dnum_i + dden_i z_i (+ intra-chunk sum_{j<=i} (dnum_i.v_j + dden_i) phi(k)_j)
+    prev_ref, own_ref, dq_ref = refs if cfg.scaled else (None, None) + refs
+    prev, own = _weights(cfg, prev_ref, own_ref)
     dn, dd = dn_ref[...], dd_ref[...]  # [C, Dv], [C]
     dq = pl.dot(dn, s_ref[...].astype(dn.dtype), trans_b=True)  # [C, F]
     dq = dq + dd[:, None] * z_ref[...][None, :]
+    if prev is not None:
+        dq = dq * prev
     if cfg.causal:
         m = pl.dot(dn, v_ref[...], trans_b=True) + dd[:, None]  # [C, C]
         m = jnp.where(_tril(cfg.chunk), m, 0.0)
-        dq = dq + pl.dot(m.astype(k_ref.dtype), k_ref[...])
+        d_in = pl.dot(m.astype(k_ref.dtype), k_ref[...])
+        dq = dq + (d_in * own if own is not None else d_in)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, dn_ref, dd_ref, r_ref, rz_ref, dk_ref, dv_ref, *,
-                cfg: _Config):
-    # R_c, r_c: sums over queries after chunk c (all queries when non-causal) of phi(q) dnum^T
-    # and dden phi(q). dphi(k)_j = R v_j + r (+ intra), dv_j = R^T phi(k)_j (+ intra).
+def _dkv_kernel(q_ref, k_ref, v_ref, dn_ref, dd_ref, r_ref, rz_ref, *refs, cfg: _Config):
+    # R_c, r_c: sums over the queries after chunk c (all queries when non-causal) of
+    # phi(q) dnum^T and dden phi(q). dphi(k)_j = R v_j + r (+ intra), dv_j = R^T phi(k)_j (+ intra).
+    prev_ref, own_ref, dk_ref, dv_ref = refs if cfg.scaled else (None, None) + refs
+    prev, own = _weights(cfg, prev_ref, own_ref)
     k, v = k_ref[...], v_ref[...]
     r = r_ref[...].astype(k.dtype)  # [F, Dv]
     dk = pl.dot(v, r, trans_b=True) + rz_ref[...][None, :]  # [C, F]
     dv = pl.dot(k, r)  # [C, Dv]
+    if prev is not None:
+        dk, dv = dk * prev, dv * prev
     if cfg.causal:
         q, dn, dd = q_ref[...], dn_ref[...], dd_ref[...]
         tril = _tril(cfg.chunk)
         m = jnp.where(tril, pl.dot(dn, v, trans_b=True) + dd[:, None], 0.0)  # [Ci, Cj]
-        dk = dk + pl.dot(m.astype(q.dtype), q, trans_a=True)
+        dk_in = pl.dot(m.astype(q.dtype), q, trans_a=True)
         a = jnp.where(tril, pl.dot(q, k, trans_b=True), 0.0)  # [Ci, Cj]
-        dv = dv + pl.dot(a.astype(dn.dtype), dn, trans_a=True)
+        dv_in = pl.dot(a.astype(dn.dtype), dn, trans_a=True)
+        if own is not None:
+            dk_in, dv_in = dk_in * own, dv_in * own
+        dk, dv = dk + dk_in, dv + dv_in
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -187,93 +233,186 @@ def _grid(cfg, q):
     return (q.shape[1] // cfg.chunk, q.shape[0], q.shape[2])
 
 
-def _forward(cfg: _Config, q, k, v):
+def _forward(cfg: _Config, q, k, v, factors):
     batch, t, heads, f = q.shape
     dv = v.shape[-1]
-    s, z = _states(cfg, k, v)
+    fwd = (factors["f_decay"], factors["f_gain"]) if cfg.scaled else ()
+    s, z = _states(cfg, k, v, None, fwd)
     return pl.pallas_call(
         functools.partial(_out_kernel, cfg=cfg),
         grid=_grid(cfg, q),
-        in_specs=_chunk_specs(cfg, f, f, dv) + _state_specs(cfg, f, dv),
+        in_specs=_chunk_specs(cfg, f, f, dv) + _state_specs(cfg, f, dv) + _factor_specs(fwd),
         out_specs=[_chunk_specs(cfg, dv)[0], _row_spec(cfg)],
-        out_shape=[jax.ShapeDtypeStruct((batch, t, heads, dv), v.dtype),
+        out_shape=[jax.ShapeDtypeStruct((batch, t, heads, dv), jnp.float32),
                    jax.ShapeDtypeStruct((batch, heads, t), jnp.float32)],
         compiler_params=_params(cfg),
         interpret=cfg.interpret,
         name="linear_attention_out",
-    )(q, k, v, s, z)
+    )(q, k, v, s, z, *fwd)
 
 
-def _backward(cfg: _Config, q, k, v, dnum, dden):
+def _backward(cfg: _Config, q, k, v, factors, dnum, dden):
     f, dv = q.shape[-1], v.shape[-1]
-    s, z = _states(cfg, k, v)  # recomputed: O(n / C) states are not kept across the step
+    fwd = (factors["f_decay"], factors["f_gain"]) if cfg.scaled else ()
+    s, z = _states(cfg, k, v, None, fwd)  # recomputed: the O(n / C) states are not kept
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=_grid(cfg, q),
         in_specs=_chunk_specs(cfg, dv) + [_row_spec(cfg)] + _chunk_specs(cfg, f, dv)
-        + _state_specs(cfg, f, dv),
+        + _state_specs(cfg, f, dv) + _factor_specs(fwd),
         out_specs=_chunk_specs(cfg, f)[0],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(cfg),
         interpret=cfg.interpret,
         name="linear_attention_dq",
-    )(dnum, dden, k, v, s, z)
-    r, rz = _states(cfg, q, dnum, dden, reverse=True)
+    )(dnum, dden, k, v, s, z, *fwd)
+    rev = (factors["r_decay"],) if cfg.scaled else ()
+    r, rz = _states(cfg, q, dnum, dden, rev, reverse=True)
+    own = (factors["r_out"], factors["f_gain"]) if cfg.scaled else ()
     dk, dv_ = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
         grid=_grid(cfg, q),
-        in_specs=_chunk_specs(cfg, f, f, dv, dv) + [_row_spec(cfg)] + _state_specs(cfg, f, dv),
+        in_specs=_chunk_specs(cfg, f, f, dv, dv) + [_row_spec(cfg)] + _state_specs(cfg, f, dv)
+        + _factor_specs(own),
         out_specs=_chunk_specs(cfg, f, dv),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(cfg),
         interpret=cfg.interpret,
         name="linear_attention_dkv",
-    )(q, k, v, dnum, dden, r, rz)
+    )(q, k, v, dnum, dden, r, rz, *own)
     return dq, dk, dv_
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _linear(cfg: _Config, q, k, v):
-    return tuple(_forward(cfg, q, k, v))
+def _sums(cfg: _Config, q, k, v, factors):
+    return tuple(_forward(cfg, q, k, v, factors))
 
 
-def _linear_fwd(cfg, q, k, v):
-    return tuple(_forward(cfg, q, k, v)), (q, k, v)
+def _sums_fwd(cfg, q, k, v, factors):
+    return tuple(_forward(cfg, q, k, v, factors)), (q, k, v, factors)
 
 
-def _linear_bwd(cfg, res, cotangents):
-    q, k, v = res
+def _sums_bwd(cfg, res, cotangents):
+    q, k, v, factors = res
     dnum, dden = cotangents
-    return _backward(cfg, q, k, v, dnum.astype(v.dtype), dden.astype(jnp.float32))
+    dq, dk, dv = _backward(cfg, q, k, v, factors, dnum.astype(v.dtype),
+                           dden.astype(jnp.float32))
+    return dq, dk, dv, jax.tree.map(jnp.zeros_like, factors)
 
 
-_linear.defvjp(_linear_fwd, _linear_bwd)
+_sums.defvjp(_sums_fwd, _sums_bwd)
 
 
-def linear_attention_sums(phi_q, phi_k, v, *, causal: bool, chunk: int | None = None,
-                          interpret: bool = False, num_warps=None, num_stages=None):
-    """(num [B, Tq, H, Dv] in v.dtype, den [B, Tq, H] float32) of linear attention.
+def _chunk_factors(chunk_max):
+    """Weights of the rescaled state passes from per-chunk key maxima m [B, H, NC] (constants).
 
-    num_i = sum_j (phi_q_i . phi_k_j) v_j and den_i = sum_j phi_q_i . phi_k_j over all j, or
-    j <= i when causal. phi_q: [B, Tq, H, F]; phi_k: [B, Tk, H, F] (rows of padded keys must be
-    zero); v: [B, Tk, H, Dv]. Differentiable in all three.
+    M = running max. Forward: S_{c+1} = f_decay[c] S_c + f_gain[c] X_c with f_decay =
+    e^{M_{c-1} - M_c}, f_gain = e^{m_c - M_c}; reverse: T_{c-1} = r_decay[c] T_c + X'_c with
+    r_decay = e^{M_c - M_{c+1}}; chunk c's keys take the reverse state with r_out =
+    e^{m_c - M_{c+1}}. All exponents are <= 0.
     """
-    batch, q_len, heads, f = phi_q.shape
-    kv_len, dv = phi_k.shape[1], v.shape[-1]
+    m = jax.lax.stop_gradient(chunk_max)
+    top = jax.lax.cummax(m, axis=m.ndim - 1)
+    prev = jnp.concatenate([jnp.full_like(top[..., :1], NEG_INF), top[..., :-1]], axis=-1)
+    nxt = jnp.concatenate([top[..., 1:], top[..., -1:]], axis=-1)
+    return {"f_decay": jnp.exp(prev - top), "f_gain": jnp.exp(m - top),
+            "r_decay": jnp.exp(top - nxt), "r_out": jnp.exp(m - nxt)}
+
+
+def kernel_attention(qf, kf, v, kv_mask=None, *, causal: bool, k_log: bool = False,
+                     block_t: int | None = None, interpret: bool = False, num_warps=None,
+                     num_stages=None):
+    """Linear attention given feature maps, as attention/_kernels.kernel_attention, in Pallas.
+
+    qf: [B, Tq, H, F] positive query features; kf: [B, Tk, H, F] positive key features, or
+    their logarithms with k_log=True; v: [B, Tk, H, Dv]; kv_mask: bool [B, Tk].
+    -> float32 [B, Tq, H, Dv]; zeros for a query with no visible key. block_t: chunk rows.
+    """
+    batch, q_len, heads, f = qf.shape
+    kv_len, dv = kf.shape[1], v.shape[-1]
     if causal and q_len != kv_len:
         raise ValueError(f"linear attention kernel: causal needs q_len == kv_len; got "
                          f"{q_len}, {kv_len}")
-    chunk = pick_block(chunk, max(q_len, kv_len), "linear attention kernel", "chunk",
+    chunk = pick_block(block_t, max(q_len, kv_len), "linear attention kernel", "block_t",
                        interpret)
     t = -(-max(q_len, kv_len) // chunk) * chunk
+    mask = jnp.ones((batch, kv_len), bool) if kv_mask is None else kv_mask.astype(bool)
+    mask = _pad_axis(mask, 1, t)[:, :, None, None]  # [B, T, 1, 1]; padding is not a key
+    kf = _pad_axis(kf.astype(jnp.float32), 1, t)
+    scaled = bool(k_log and causal)
+    factors = {}
+    if k_log:
+        kf = jnp.where(mask, kf, NEG_INF)
+        if causal:  # per-chunk maxima over real keys, [B, H, NC]
+            kc = kf.reshape(batch, t // chunk, chunk, heads, f)
+            chunk_max = jnp.moveaxis(jnp.max(kc, axis=(2, 4)), 1, 2)
+            factors = _chunk_factors(chunk_max)
+            kmax = jnp.repeat(jnp.moveaxis(jax.lax.stop_gradient(chunk_max), 2, 1), chunk,
+                              axis=1)[..., None]  # [B, T, H, 1]
+        else:
+            kmax = jax.lax.stop_gradient(jnp.max(kf, axis=(1, 3), keepdims=True))
+        kf = jnp.exp(kf - kmax)
+    kf = jnp.where(mask, kf, 0.0)
+    dtype = v.dtype  # features enter the kernels' dots in the input precision
     fp, dvp = _pow2_at_least(f), _pow2_at_least(dv)
-    cfg = _Config(chunk=chunk, causal=bool(causal), interpret=interpret,
-                  num_warps=num_warps, num_stages=num_stages)
-    # Zero padding adds nothing: padded keys have phi_k = 0, padded features are 0 on both
-    # sides, padded value columns and query rows are sliced off.
-    pq = _pad_axis(_pad_axis(phi_q, 1, t), 3, fp)
-    pk = _pad_axis(_pad_axis(phi_k, 1, t), 3, fp)
+    pq = _pad_axis(_pad_axis(qf.astype(dtype), 1, t), 3, fp)
+    pk = _pad_axis(kf.astype(dtype), 3, fp)
     pv = _pad_axis(_pad_axis(v, 1, t), 3, dvp)
-    num, den = _linear(cfg, pq, pk, pv)
-    return num[:, :q_len, :, :dv], jnp.swapaxes(den, 1, 2)[:, :q_len]
+    cfg = _Config(chunk=chunk, causal=bool(causal), scaled=scaled, interpret=interpret,
+                  num_warps=num_warps, num_stages=num_stages)
+    num, den = _sums(cfg, pq, pk, pv, factors)  # [B, T, H, Dv'] f32, [B, H, T] f32
+    num = num[:, :q_len, :, :dv]
+    den = jnp.swapaxes(den, 1, 2)[:, :q_len]
+    return num / jnp.where(den == 0, 1.0, den)[..., None]
+
+
+# ------------------------------------------------------------------ the registered variants
+
+
+def _prepare(name, q, k, v, kv_mask, causal, interpret):
+    check_qkv(name, q, k, v, kv_mask)
+    check_causal(name, causal, True, q.shape[1], k.shape[1])
+    return resolve_interpret(interpret, name)
+
+
+@register_pallas("linear")
+def linear_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size=64, block_t=None,
+                     interpret=None):
+    """elu(x) + 1 features; chunk_size is the XLA scan's chunk, the kernel's is block_t."""
+    from attention.linear import elu_feature
+
+    check_int("linear", "chunk_size", chunk_size, 1)
+    interpret = _prepare("linear", q, k, v, kv_mask, causal, interpret)
+    out = kernel_attention(elu_feature(q), elu_feature(k), v, kv_mask, causal=causal,
+                           block_t=block_t, interpret=interpret)
+    return out.astype(v.dtype)
+
+
+@register_pallas("performer")
+def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features=256,
+                        feature_map="favor+", chunk_size=64, projection=None, block_t=None,
+                        interpret=None):
+    """FAVOR+ / relu / exp features from attention/performer.py, chunked in Pallas."""
+    from attention import performer as xla
+
+    interpret = _prepare("performer", q, k, v, kv_mask, causal, interpret)
+    xla._check(num_features, feature_map, chunk_size)
+    d = q.shape[-1]
+    if projection is None or tuple(projection.shape) != (num_features, d):
+        raise ValueError(f"performer: projection [num_features, head_dim] = {(num_features, d)} "
+                         f"required (from init_state); got "
+                         f"{None if projection is None else tuple(projection.shape)}")
+    w = projection.astype(jnp.float32)
+    if feature_map != "exp":
+        w = jax.lax.stop_gradient(w)  # random features: a buffer, never trained
+    run = functools.partial(kernel_attention, v=v, kv_mask=kv_mask, causal=causal,
+                            block_t=block_t, interpret=interpret)
+    if feature_map == "relu":
+        proj = lambda x: jnp.einsum("bthd,md->bthm", x.astype(jnp.float32) * d ** -0.25, w)  # noqa
+        out = run(jax.nn.relu(proj(q)) + 1e-3, jax.nn.relu(proj(k)) + 1e-3)
+    else:
+        lq = xla._log_features(q, w)
+        qf = jnp.exp(lq - jax.lax.stop_gradient(jnp.max(lq, axis=-1, keepdims=True)))
+        out = run(qf, xla._log_features(k, w), k_log=True)
+    return out.astype(v.dtype)
