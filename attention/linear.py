@@ -1,0 +1,41 @@
+"""Linear attention (Katharopoulos et al., 2020, eq. 6-9): softmax replaced by the kernel
+phi(q)^T phi(k) with phi(x) = elu(x) + 1; O(n) non-causal, and causal by a chunked scan of
+running sums (attention/_kernels.py). Padded keys are excluded (phi = 0), unlike the original
+LRA code.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attention import register
+from attention._kernels import kernel_attention
+from attention._util import check_causal, check_int, check_qkv
+
+NAME = "linear"
+DEFAULTS = {"chunk_size": 64}
+
+
+def init_state(key, *, q_len, kv_len, num_heads, head_dim, chunk_size=64, **unused):
+    del key, q_len, kv_len, num_heads, head_dim, unused
+    check_int(NAME, "chunk_size", chunk_size, 1)
+    return {"params": {}, "buffers": {}}
+
+
+def elu_feature(x):
+    """phi(x) = elu(x) + 1 > 0, in float32."""
+    return jax.nn.elu(x.astype(jnp.float32)) + 1.0
+
+
+@register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n)",
+          doc="Katharopoulos et al. 2020: linear attention, feature map elu(x) + 1",
+          init_state=init_state)
+def linear_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size=64):
+    """q: [B, Tq, H, D]; k, v: [B, Tk, H, D] -> [B, Tq, H, Dv]."""
+    check_qkv(NAME, q, k, v, kv_mask)
+    check_causal(NAME, causal, True, q.shape[1], k.shape[1])
+    check_int(NAME, "chunk_size", chunk_size, 1)
+    out = kernel_attention(elu_feature(q), elu_feature(k), v, kv_mask, causal=causal,
+                           chunk_size=chunk_size)
+    return out.astype(v.dtype)

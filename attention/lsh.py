@@ -1,0 +1,105 @@
+"""Reformer LSH attention (Kitaev et al., 2020, sec. 2): angular LSH h(x) = argmax([xR; -xR])
+with a random rotation R per hash round, sort by bucket, attend within a chunk and the previous
+chunk; hash rounds merged by their log-sum-exp weights (eq. 4-5, duplicates not discounted).
+
+shared_qk=True (the Reformer): keys are the unit-normalised queries, k_j = q_j / ||q_j|| (the
+`k` argument is ignored), and a token attends to itself only when nothing else is visible.
+shared_qk=False: queries (hashed from q) and keys (hashed from k) are sorted together by
+(bucket, position), so a chunk holds both; `chunk_size` then counts queries and keys.
+Padding sorts last, so real tokens' chunks do not depend on it. Causal mode: see _buckets.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attention import register
+from attention._buckets import merge, sorted_chunk_attention
+from attention._util import check_causal, check_int, check_qkv, scale
+
+NAME = "lsh"
+DEFAULTS = {"num_hashes": 2, "num_buckets": 32, "chunk_size": 64, "shared_qk": True}
+
+
+def _check(num_hashes, num_buckets, chunk_size, shared_qk):
+    check_int(NAME, "num_hashes", num_hashes, 1)
+    check_int(NAME, "num_buckets", num_buckets, 1)
+    if num_buckets > 1 and num_buckets % 2:
+        raise ValueError(f"{NAME}: num_buckets must be 1 or even (buckets come in pairs "
+                         f"xR, -xR); got {num_buckets}")
+    check_int(NAME, "chunk_size", chunk_size, 1)
+    if not isinstance(shared_qk, bool):
+        raise ValueError(f"{NAME}: shared_qk must be True or False; got {shared_qk!r}")
+
+
+def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_hashes=2, num_buckets=32,
+               chunk_size=64, shared_qk=True, **unused):
+    """buffers: rotations [num_hashes, H, D, max(num_buckets // 2, 1)], random normal."""
+    del q_len, kv_len, unused
+    _check(num_hashes, num_buckets, chunk_size, shared_qk)
+    rot = jax.random.normal(key, (num_hashes, num_heads, head_dim, max(num_buckets // 2, 1)))
+    return {"params": {}, "buffers": {"rotations": rot}}
+
+
+def _hash(x, rotations, num_buckets):
+    """x [B, T, H, D] -> bucket int32 [B, H, R, T]."""
+    if num_buckets == 1:
+        return jnp.zeros((x.shape[0], x.shape[2], rotations.shape[0], x.shape[1]), jnp.int32)
+    xr = jnp.einsum("bthd,rhdk->bhrtk", x, rotations)
+    return jnp.argmax(jnp.concatenate([xr, -xr], axis=-1), axis=-1).astype(jnp.int32)
+
+
+@register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n log n)",
+          doc="Kitaev et al. 2020 (Reformer): LSH buckets, sorted chunks, merged hash rounds",
+          init_state=init_state)
+def lsh_attention(q, k, v, *, kv_mask=None, causal=False, num_hashes=2, num_buckets=32,
+                  chunk_size=64, shared_qk=True, rotations=None):
+    """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; rotations [R, H, D, nb/2] -> [B, Tq, H, Dv]."""
+    check_qkv(NAME, q, k, v, kv_mask)
+    check_causal(NAME, causal, True, q.shape[1], k.shape[1])
+    _check(num_hashes, num_buckets, chunk_size, shared_qk)
+    if rotations is None:
+        raise ValueError(f"{NAME}: rotations (from init_state) are required")
+    b, tq, h, d = q.shape
+    tk = k.shape[1]
+    if tuple(rotations.shape[:3]) != (num_hashes, h, d):
+        raise ValueError(f"{NAME}: rotations shape {tuple(rotations.shape)} does not match "
+                         f"num_hashes={num_hashes}, heads={h}, head_dim={d}")
+    if shared_qk and tq != tk:
+        raise ValueError(f"{NAME}: shared_qk=True needs q_len == kv_len; got {tq}, {tk}")
+    rotations = jax.lax.stop_gradient(rotations).astype(jnp.float32)
+    key_real = jnp.ones((b, tk), bool) if kv_mask is None else kv_mask
+    # Queries of padded tokens (self-attention) are padding too: they sort last.
+    query_real = key_real if tq == tk else jnp.ones((b, tq), bool)
+    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+    to_bh = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, F] -> [B, H, T, F]
+
+    if shared_qk:
+        keys = q32 * jax.lax.rsqrt(jnp.sum(q32 * q32, -1, keepdims=True) + 1e-12)
+        bucket = _hash(q32, rotations, num_buckets)
+        bucket = jnp.where(key_real[:, None, None, :], bucket, num_buckets)
+        out, lse = sorted_chunk_attention(
+            to_bh(q32), to_bh(keys), to_bh(v), bucket=bucket, pos=jnp.arange(tq),
+            kind=jnp.zeros(tq, jnp.int32), is_key=jnp.ones(tq, bool), key_real=key_real,
+            num_buckets=num_buckets, chunk_size=chunk_size, causal=causal,
+            window=min(chunk_size, tq), exclude_self=True, scale=scale(d))
+    else:
+        zq, zk = jnp.zeros_like(q32), jnp.zeros_like(k32)
+        bq = jnp.where(query_real[:, None, None, :], _hash(q32, rotations, num_buckets),
+                       num_buckets)
+        bk = jnp.where(key_real[:, None, None, :], _hash(k32, rotations, num_buckets),
+                       num_buckets)
+        out, lse = sorted_chunk_attention(
+            to_bh(jnp.concatenate([q32, zk], 1)), to_bh(jnp.concatenate([zq, k32], 1)),
+            to_bh(jnp.concatenate([jnp.zeros_like(v), v], 1)),
+            bucket=jnp.concatenate([bq, bk], -1),
+            pos=jnp.concatenate([jnp.arange(tq), jnp.arange(tk)]),
+            kind=jnp.concatenate([jnp.ones(tq, jnp.int32), jnp.zeros(tk, jnp.int32)]),
+            is_key=jnp.concatenate([jnp.zeros(tq, bool), jnp.ones(tk, bool)]),
+            key_real=jnp.concatenate([jnp.zeros((b, tq), bool), key_real], 1),
+            num_buckets=num_buckets, chunk_size=chunk_size, causal=causal,
+            window=min(chunk_size, tq + tk), exclude_self=False, scale=scale(d))
+        out, lse = out[:, :, :, :tq], lse[:, :, :, :tq]
+    out = merge(out, lse, axis=2)                          # [B, H, Tq, Dv]
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)

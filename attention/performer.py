@@ -1,0 +1,91 @@
+"""Performer attention, FAVOR+ (Choromanski et al., 2021, sec. 2.3-2.4, Lemma 1): the softmax
+kernel exp(q.k / sqrt(d)) estimated by positive random features
+phi(x) = exp(w_i . x' - |x'|^2 / 2) / sqrt(m), x' = x / d^(1/4), with orthogonal w_i (blocks of
+a QR-orthogonalised Gaussian, rows rescaled to chi-distributed norms); linear attention on top
+(attention/_kernels.py). Stabilised: a query's features are divided by their max over
+features, keys' by a max shared over real keys (causal: a running max), both cancelling.
+
+feature_map: "favor+" (default; the random projection is a buffer), "relu"
+(relu(w . x') + 1e-3, the original LRA code's default, which is not a softmax estimator), "exp"
+(the FAVOR+ form with the m x d projection learned: a param).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attention import register
+from attention._kernels import kernel_attention
+from attention._util import check_causal, check_int, check_qkv
+
+NAME = "performer"
+FEATURE_MAPS = ("favor+", "relu", "exp")
+DEFAULTS = {"num_features": 256, "feature_map": "favor+", "chunk_size": 64}
+
+
+def _check(num_features, feature_map, chunk_size):
+    check_int(NAME, "num_features", num_features, 1)
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"{NAME}: feature_map must be one of {FEATURE_MAPS}; got "
+                         f"{feature_map!r}")
+    check_int(NAME, "chunk_size", chunk_size, 1)
+
+
+def orthogonal_features(key, num_features: int, dim: int):
+    """[num_features, dim]: stacked blocks of orthonormal rows, each row rescaled to the norm
+    of an independent standard Gaussian vector (the marginals of w ~ N(0, I))."""
+    n_blocks = -(-num_features // dim)
+    keys = jax.random.split(key, n_blocks + 1)
+    rows = [jnp.linalg.qr(jax.random.normal(kb, (dim, dim)))[0].T for kb in keys[:-1]]
+    w = jnp.concatenate(rows, axis=0)[:num_features]
+    norms = jnp.linalg.norm(jax.random.normal(keys[-1], (num_features, dim)), axis=-1)
+    return w * norms[:, None]
+
+
+def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_features=256,
+               feature_map="favor+", chunk_size=64, **unused):
+    """projection [num_features, D]: a buffer, or a param with feature_map="exp"."""
+    del q_len, kv_len, num_heads, unused
+    _check(num_features, feature_map, chunk_size)
+    w = orthogonal_features(key, num_features, head_dim)
+    if feature_map == "exp":
+        return {"params": {"projection": w}, "buffers": {}}
+    return {"params": {}, "buffers": {"projection": w}}
+
+
+def _log_features(x, w):
+    """log phi(x) up to the constant -log(sqrt(m)) (it cancels): w . x' - |x'|^2 / 2.
+    -> [B, T, H, M]."""
+    x = x.astype(jnp.float32) * x.shape[-1] ** -0.25
+    return jnp.einsum("bthd,md->bthm", x, w) - 0.5 * jnp.sum(x * x, -1, keepdims=True)
+
+
+@register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n)",
+          doc="Choromanski et al. 2021 (Performer): FAVOR+ positive orthogonal random features",
+          init_state=init_state)
+def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features=256,
+                        feature_map="favor+", chunk_size=64, projection=None):
+    """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; projection [M, D] -> [B, Tq, H, Dv]."""
+    check_qkv(NAME, q, k, v, kv_mask)
+    check_causal(NAME, causal, True, q.shape[1], k.shape[1])
+    _check(num_features, feature_map, chunk_size)
+    d = q.shape[-1]
+    if projection is None or tuple(projection.shape) != (num_features, d):
+        raise ValueError(f"{NAME}: projection [num_features, head_dim] = {(num_features, d)} "
+                         f"required (from init_state); got "
+                         f"{None if projection is None else tuple(projection.shape)}")
+    w = projection.astype(jnp.float32)
+    if feature_map != "exp":
+        w = jax.lax.stop_gradient(w)  # random features: a buffer, never trained
+    if feature_map == "relu":
+        qf = jax.nn.relu(jnp.einsum("bthd,md->bthm", q.astype(jnp.float32) * d ** -0.25, w))
+        kf = jax.nn.relu(jnp.einsum("bthd,md->bthm", k.astype(jnp.float32) * d ** -0.25, w))
+        out = kernel_attention(qf + 1e-3, kf + 1e-3, v, kv_mask, causal=causal,
+                               chunk_size=chunk_size)
+        return out.astype(v.dtype)
+    lq = _log_features(q, w)
+    qf = jnp.exp(lq - jax.lax.stop_gradient(jnp.max(lq, axis=-1, keepdims=True)))
+    lk = _log_features(k, w)
+    out = kernel_attention(qf, lk, v, kv_mask, causal=causal, chunk_size=chunk_size, k_log=True)
+    return out.astype(v.dtype)
