@@ -1,0 +1,48 @@
+"""Retrieval (LRA): AAN citation pairs, byte-level, dual encoder; the published Transformer setup
+of the LRA repository's matching base config.
+
+    python train.py --config=configs/retrieval.py:dense --workdir=runs/retrieval_dense \\
+        --config.data.data_dir=DIR          # DIR holds new_aan_pairs.{train,eval,test}.tsv
+    python train.py --config=configs/retrieval.py:dense,tiny
+
+Published (LRA repo matching base config): 4 layers, 4 heads, emb 128, qkv 128, MLP 512, batch
+32, Adam(0.9, 0.98, 1e-9) with weight decay 0.1, lr 0.05 with 8000 linear warmup steps then
+rsqrt decay, 5000 steps (so warmup never finishes: kept as published), max_len 4000 bytes per
+document, CLS pooling, one shared encoder and [u, v, u*v, u-v] -> MLP (interaction "nli").
+Deviations: bytes are ids 0-255 with padding marked by the mask; weight decay is decoupled
+(optax.adamw). LRA's code at HEAD builds a single encoder for this task and crashes (issue #42);
+here the model factory builds the dual encoder for Task.pair.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    variant, flags, keys = common.parse_arg(arg, known_flags=("tiny",), known_keys=("len",))
+    c = common.base_config("retrieval", variant)
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.emb_dim = 128
+    c.model.qkv_dim = 128
+    c.model.mlp_dim = 512
+    c.model.dropout_rate = 0.1
+    c.model.attention_dropout_rate = 0.1
+    c.model.pooling = "cls"
+    c.model.pos_embedding = "sinusoidal"
+    c.model.interaction = "nli"
+
+    c.data.max_len = int(keys.get("len", 4000))   # bytes per document (truncated)
+    c.data.batch_size = 32
+    c.data.data_dir = ""                          # "" = data/lra_release (see docs/tasks.md)
+
+    c.train.steps = 5000
+    c.train.learning_rate = 0.05
+    c.train.schedule = "rsqrt"
+    c.train.warmup_steps = 8000
+    c.train.weight_decay = 0.1
+    c.train.eval_every = 500
+    c.train.checkpoint_every = 500
+
+    if "tiny" in flags:
+        common.shrink_tiny(c, max_len=64)
+    return c
