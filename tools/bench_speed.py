@@ -1,0 +1,396 @@
+"""Training speed and peak memory per attention variant and length: LRA Table 2 layout.
+
+    python -m tools.bench_speed --out results/ --model small --batch 4      # CPU-sized
+    python -m tools.bench_speed --out results/ --model lra                 # LRA: text, batch 32
+    python -m tools.bench_speed --variants dense,local --lengths 1024,2048,4096,8192
+
+For every registered variant (or --variants) and every length, one full training step
+(forward, backward, AdamW update: the jitted step of training/loop.py) of the byte-level text
+classifier on a synthetic batch (random bytes, no padding) is compiled and timed: steps/s is
+the median over --repeats timed groups of steps, each group ended by block_until_ready.
+Memory: the compiled step's buffers (XLA memory_analysis: arguments + outputs + temporaries -
+donated aliases), deterministic on any backend; where the device reports memory_stats (GPU/TPU)
+also the device's peak bytes in use, measured with each cell in its own subprocess (--isolate).
+Ratios are against dense measured in the same invocation (lengths outermost, so load drift on
+a shared machine hits every variant of a length alike). Grid variants (hyperparameter `shape`)
+see the sequence as a near-square grid (rows x cols = length), noted in the table.
+Writes OUT/<name>.md (+ .csv, .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from tools.common import (REPO_ROOT, header_lines, machine_info, markdown_table, write_csv,
+                          write_text)
+
+# LRA Table 2's model: the text task's base config (4 layers, 4 heads, emb/qkv 256, MLP 1024,
+# batch 32; /work/shared/LRA.md). Used when configs/text.py is absent, else that file wins.
+LRA_TEXT_MODEL = {"num_layers": 4, "num_heads": 4, "emb_dim": 256, "qkv_dim": 256,
+                  "mlp_dim": 1024}
+LRA_TEXT_BATCH = 32
+# A CPU-sized model: same shape of network, narrower and shallower.
+SMALL_MODEL = {"num_layers": 2, "num_heads": 4, "emb_dim": 128, "qkv_dim": 128, "mlp_dim": 256}
+MODELS = {"lra": LRA_TEXT_MODEL, "small": SMALL_MODEL}
+VOCAB = 256        # bytes
+NUM_CLASSES = 2
+
+
+def near_square(n: int) -> tuple[int, int]:
+    """(rows, cols) with rows * cols == n and rows the largest divisor <= sqrt(n)."""
+    r = int(math.isqrt(n))
+    while n % r:
+        r -= 1
+    return r, n // r
+
+
+def bench_config(variant: str, model: str = "lra", overrides: dict | None = None):
+    """The text task's config for `variant` (configs/text.py if present) with model sizes."""
+    import ml_collections
+
+    try:
+        mod = importlib.import_module("configs.text")
+        c = mod.get_config(variant)
+        source = "configs/text.py"
+    except ModuleNotFoundError:
+        from configs import common
+        c = common.base_config("text", variant)
+        for k, v in LRA_TEXT_MODEL.items():
+            c.model[k] = v
+        c.data.batch_size = LRA_TEXT_BATCH
+        source = "LRA text base config (configs/text.py absent)"
+    c = ml_collections.ConfigDict(c.to_dict())  # unlocked copy
+    if model != "lra" or source != "configs/text.py":
+        for k, v in MODELS[model].items():
+            c.model[k] = v
+    for k, v in (overrides or {}).items():
+        c.model[k] = v
+    return c, source
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+    return {"compiled_bytes": int(total), "temp_bytes": int(m.temp_size_in_bytes),
+            "argument_bytes": int(m.argument_size_in_bytes),
+            "output_bytes": int(m.output_size_in_bytes),
+            "alias_bytes": int(m.alias_size_in_bytes),
+            "xla_peak_bytes": int(getattr(m, "peak_memory_in_bytes", 0) or 0)}
+
+
+def _flops(compiled):
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops")) if cost and cost.get("flops") is not None else None
+    except Exception:  # noqa: BLE001  (some backends do not report it)
+        return None
+
+
+def measure_cell(variant: str, length: int, *, batch: int, model: str = "lra",
+                 model_overrides: dict | None = None, repeats: int = 3,
+                 target_seconds: float = 2.0, max_steps: int = 50,
+                 max_memory_gb: float | None = None, seed: int = 0) -> dict:
+    """Compiles and times one training step of `variant` at `length`. -> result dict."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from models import build_model, count_params
+    from training import optim
+    from training.loop import make_train_step
+
+    config, source = bench_config(variant, model, model_overrides)
+    grid = near_square(length) if "shape" in _defaults(variant) else None
+    model_obj = build_model(config, num_classes=NUM_CLASSES, vocab_size=VOCAB, max_len=length,
+                            grid_shape=grid, seed=seed)
+    opt = nnx.Optimizer(model_obj, optim.optimizer(config.train), wrt=nnx.Param)
+    graphdef, state = nnx.split((model_obj, opt))
+    rng = np.random.default_rng(seed)
+    batch_arrays = {
+        "inputs": jnp.asarray(rng.integers(0, VOCAB, (batch, length)), jnp.int32),  # [B, T]
+        "mask": jnp.ones((batch, length), bool),                                    # [B, T]
+        "label": jnp.asarray(rng.integers(0, NUM_CLASSES, (batch,)), jnp.int32)}    # [B]
+    out = {"variant": variant, "length": length, "batch": batch, "grid": grid,
+           "num_params": count_params(model_obj), "config_source": source,
+           "model": {k: config.model[k] for k in ("num_layers", "num_heads", "emb_dim",
+                                                  "qkv_dim", "mlp_dim")}}
+    step_fn = jax.jit(make_train_step(graphdef, config.seed), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch_arrays, jnp.asarray(0, jnp.int32)).compile()
+    out["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    out.update(_memory(compiled))
+    out["step_flops"] = _flops(compiled)
+    if max_memory_gb and out.get("compiled_bytes", 0) > max_memory_gb * 2**30:
+        out["skipped"] = (f"needs {out['compiled_bytes'] / 2**30:.1f} GB > --max-memory-gb "
+                          f"{max_memory_gb}")
+        return out
+    step = [0]
+
+    def run(n):
+        nonlocal state
+        for _ in range(n):
+            state, metrics = compiled(state, batch_arrays, jnp.asarray(step[0], jnp.int32))
+            step[0] += 1
+        jax.block_until_ready((state, metrics))
+        return metrics
+
+    t0 = time.perf_counter()
+    metrics = run(1)  # warm-up (first execution)
+    first = time.perf_counter() - t0
+    if not bool(metrics["finite"]):
+        raise FloatingPointError(f"{variant} at length {length}: non-finite loss in the "
+                                 f"benchmark step")
+    n = int(min(max_steps, max(1, math.ceil(target_seconds / max(first, 1e-6)))))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(n)
+        times.append((time.perf_counter() - t0) / n)
+    out["steps_timed"] = n * repeats
+    out["seconds_per_step"] = statistics.median(times)
+    out["steps_per_sec"] = 1.0 / out["seconds_per_step"]
+    out["steps_per_sec_spread"] = [round(1.0 / max(times), 4), round(1.0 / min(times), 4)]
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    return out
+
+
+def _defaults(variant):
+    import attention
+    return attention.get(variant).defaults
+
+
+def _cell_subprocess(kwargs: dict, timeout: float | None) -> dict:
+    cmd = [sys.executable, "-m", "tools.bench_speed", "--cell", json.dumps(kwargs)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("CELL "):
+            return json.loads(line[5:])
+    tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    raise RuntimeError(f"cell subprocess failed (exit {proc.returncode}): {tail}")
+
+
+def run_benchmark(variants, lengths, *, batch, model="lra", model_overrides=None, repeats=3,
+                  target_seconds=2.0, max_memory_gb=None, isolate=False, cell_timeout=None,
+                  echo=print) -> list[dict]:
+    """Every (length, variant) cell; failures are recorded as {"error": ...}."""
+    cells = []
+    for length in lengths:
+        for v in variants:
+            kwargs = dict(variant=v, length=length, batch=batch, model=model,
+                          model_overrides=model_overrides, repeats=repeats,
+                          target_seconds=target_seconds, max_memory_gb=max_memory_gb)
+            try:
+                cell = (_cell_subprocess(kwargs, cell_timeout) if isolate
+                        else measure_cell(**kwargs))
+                if not isolate and "device_peak_bytes" in cell:
+                    # Process-wide peak so far, not this cell's: kept apart, not tabled.
+                    cell["device_peak_bytes_process"] = cell.pop("device_peak_bytes")
+            except Exception as e:  # noqa: BLE001  (one variant's failure is a table entry)
+                cell = {"variant": v, "length": length, "batch": batch,
+                        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            cells.append(cell)
+            if "steps_per_sec" in cell:
+                echo(f"L={length} {v}: {cell['steps_per_sec']:.3f} steps/s, "
+                     f"{cell.get('compiled_bytes', 0) / 2**30:.3f} GB compiled")
+            else:
+                echo(f"L={length} {v}: {cell.get('skipped') or cell.get('error')}")
+            try:
+                import jax
+                jax.clear_caches()
+            except Exception:  # noqa: BLE001
+                pass
+    return cells
+
+
+def _gb(x):
+    return None if x is None else x / 2**30
+
+
+def table(cells: list[dict], lengths, variants) -> dict:
+    """Rows in LRA Table 2 layout with ratios against dense of the same run."""
+    by = {(c["variant"], c["length"]): c for c in cells}
+    dense = {L: by.get(("dense", L), {}) for L in lengths}
+    rows = []
+    for v in variants:
+        row = {"variant": v, "speed": {}, "memory": {}}
+        for L in lengths:
+            c = by.get((v, L), {})
+            sps = c.get("steps_per_sec")
+            d = dense[L].get("steps_per_sec")
+            mem = c.get("device_peak_bytes") or c.get("compiled_bytes")
+            dmem = dense[L].get("device_peak_bytes") or dense[L].get("compiled_bytes")
+            row["speed"][L] = {"steps_per_sec": sps,
+                               "vs_dense": sps / d if sps and d else None,
+                               "note": c.get("error") or c.get("skipped")}
+            row["memory"][L] = {"gb": _gb(mem), "vs_dense": mem / dmem if mem and dmem else None,
+                                "compiled_gb": _gb(c.get("compiled_bytes")),
+                                "device_peak_gb": _gb(c.get("device_peak_bytes"))}
+        rows.append(row)
+    return {"lengths": list(lengths), "rows": rows}
+
+
+def _klabel(L):
+    return f"{L // 1024}K" if L % 1024 == 0 else str(L)
+
+
+def write_tables(result: dict, out: str, name: str) -> None:
+    tab = result["table"]
+    lengths = tab["lengths"]
+    env = result["environment"]
+    s = result["settings"]
+    lines = header_lines("Training speed and memory (LRA Table 2 layout)", env)
+    mem_kind = ("device peak bytes in use (memory_stats)" if result["device_memory"]
+                else "compiled buffers of the step: arguments + outputs + temporaries - "
+                     "donated aliases (XLA memory_analysis)")
+    lines += [
+        f"Steps per second of one full training step (forward, backward, AdamW update) of the "
+        f"text classifier ({s['model_desc']}), batch {s['batch']}, synthetic byte sequences "
+        f"without padding; median of {s['repeats']} timed groups after a warm-up step. Speed "
+        f"columns: steps/s, and in parentheses the speed relative to dense measured in this "
+        f"same run. Memory columns: GB, {mem_kind}; in parentheses relative to dense. "
+        f"Config: {s['config_source']}. Cells: `fail` = error (listed below), `skip` = over "
+        f"the memory cap.", ""]
+    header = (["Model"] + [f"Steps/s {_klabel(L)}" for L in lengths]
+              + [f"Mem GB {_klabel(L)}" for L in lengths] + ["Params"])
+    rows, notes = [], []
+    params = {}
+    for c in result["cells"]:
+        if c.get("num_params") is not None:
+            params.setdefault(c["variant"], set()).add(c["num_params"])
+    for r in tab["rows"]:
+        row = [r["variant"]]
+        for L in lengths:
+            sp = r["speed"][L]
+            if sp["steps_per_sec"] is None:
+                row.append("skip" if sp["note"] and "memory-gb" in sp["note"] else "fail")
+                if sp["note"]:
+                    notes.append(f"- {r['variant']} at {L}: {sp['note']}")
+            elif r["variant"] == "dense":
+                row.append(f"{sp['steps_per_sec']:.3g}")
+            else:
+                ratio = f" ({sp['vs_dense']:.2f}x)" if sp["vs_dense"] else ""
+                row.append(f"{sp['steps_per_sec']:.3g}{ratio}")
+        for L in lengths:
+            m = r["memory"][L]
+            if m["gb"] is None:
+                row.append("-")
+            else:
+                ratio = (f" ({m['vs_dense']:.2f}x)" if m["vs_dense"] and r["variant"] != "dense"
+                         else "")
+                row.append(f"{m['gb']:.3f}{ratio}")
+        p = sorted(params.get(r["variant"], []))
+        row.append(f"{p[0]:,}" if len(p) == 1 else
+                   (f"{p[0]:,}-{p[-1]:,}" if p else "-"))
+        rows.append(row)
+    lines += markdown_table(header, rows)
+    grids = sorted({(c["variant"], tuple(c["grid"])) for c in result["cells"] if c.get("grid")})
+    if grids:
+        lines += ["", "Grid variants ran on the sequence folded into a near-square grid: "
+                  + "; ".join(f"{v} {g[0]}x{g[1]}" for v, g in grids) + "."]
+    if notes:
+        lines += ["", "Failures and skips:", ""] + notes
+    lines += ["", "Params: trainable parameters of the benchmarked model (a range when they "
+              "depend on the length, e.g. length-sized projections)."]
+    write_text(os.path.join(out, f"{name}.md"), lines)
+    csv_rows = []
+    for c in result["cells"]:
+        d = next((x for x in result["cells"] if x["variant"] == "dense"
+                  and x["length"] == c["length"]), {})
+        ratio = (c["steps_per_sec"] / d["steps_per_sec"]
+                 if c.get("steps_per_sec") and d.get("steps_per_sec") else None)
+        csv_rows.append([c["variant"], c["length"], c["batch"], c.get("steps_per_sec"), ratio,
+                         c.get("compiled_bytes"), c.get("temp_bytes"),
+                         c.get("device_peak_bytes"), c.get("step_flops"), c.get("num_params"),
+                         c.get("compile_seconds"), c.get("steps_timed"),
+                         c.get("error") or c.get("skipped")])
+    write_csv(os.path.join(out, f"{name}.csv"),
+              ["variant", "length", "batch", "steps_per_sec", "speed_vs_dense",
+               "compiled_bytes", "temp_bytes", "device_peak_bytes", "step_flops", "num_params",
+               "compile_seconds", "steps_timed", "note"], csv_rows)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default="all", help="comma-separated names or 'all'")
+    p.add_argument("--lengths", default="1024,2048,3072,4096")
+    p.add_argument("--model", default="lra", choices=sorted(MODELS),
+                   help="lra: the text config at LRA's sizes; small: a CPU-sized model")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--emb", type=int, default=None, help="emb_dim = qkv_dim")
+    p.add_argument("--mlp", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help=f"default {LRA_TEXT_BATCH} (lra), "
+                   "4 (small)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--target-seconds", type=float, default=2.0,
+                   help="approximate length of one timed group")
+    p.add_argument("--max-memory-gb", type=float, default=None,
+                   help="skip a cell whose compiled buffers exceed this")
+    p.add_argument("--isolate", default="auto", choices=("auto", "yes", "no"),
+                   help="one subprocess per cell (auto: where the device reports memory_stats)")
+    p.add_argument("--cell-timeout", type=float, default=None)
+    p.add_argument("--note", default="", help="written in the header (e.g. 'shared machine')")
+    p.add_argument("--out", default="results")
+    p.add_argument("--name", default=None, help="file stem (default speed_<backend>)")
+    p.add_argument("--cell", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.cell is not None:  # one cell in this process, for --isolate
+        print("CELL " + json.dumps(measure_cell(**json.loads(a.cell)), default=str))
+        return
+
+    import jax
+
+    import attention
+    from tools.sweep import parse_list
+    variants = parse_list(a.variants, attention.names(), "variants")
+    variants = (["dense"] if "dense" in variants else []) + [v for v in variants if v != "dense"]
+    lengths = [int(x) for x in a.lengths.split(",") if x.strip()]
+    if any(L < 2 for L in lengths):
+        raise ValueError(f"--lengths must be integers >= 2; got {a.lengths!r}")
+    batch = a.batch or (LRA_TEXT_BATCH if a.model == "lra" else 4)
+    overrides = {k: v for k, v in (("num_layers", a.layers), ("num_heads", a.heads),
+                                   ("emb_dim", a.emb), ("qkv_dim", a.emb),
+                                   ("mlp_dim", a.mlp)) if v is not None}
+    stats = jax.devices()[0].memory_stats()
+    device_memory = bool(stats and "peak_bytes_in_use" in stats)
+    isolate = a.isolate == "yes" or (a.isolate == "auto" and device_memory)
+    env = machine_info(note=a.note)
+    cfg, source = bench_config("dense", a.model, overrides)
+    model_desc = ", ".join(f"{k} {cfg.model[k]}" for k in ("num_layers", "num_heads",
+                                                            "emb_dim", "qkv_dim", "mlp_dim"))
+    t0 = time.time()
+    cells = run_benchmark(variants, lengths, batch=batch, model=a.model,
+                          model_overrides=overrides, repeats=a.repeats,
+                          target_seconds=a.target_seconds, max_memory_gb=a.max_memory_gb,
+                          isolate=isolate, cell_timeout=a.cell_timeout)
+    result = {"environment": env, "device_memory": device_memory and isolate,
+              "settings": {"batch": batch, "model": a.model, "model_desc": model_desc,
+                           "overrides": overrides, "repeats": a.repeats,
+                           "target_seconds": a.target_seconds, "config_source": source,
+                           "isolate": isolate, "seconds": round(time.time() - t0, 1)},
+              "cells": cells, "table": table(cells, lengths, variants)}
+    name = a.name or f"speed_{env['backend']}"
+    write_tables(result, a.out, name)
+    print(f"-> {os.path.join(a.out, name)}.md")
+
+
+if __name__ == "__main__":
+    main()
