@@ -61,9 +61,10 @@ class Rule:
 class BlockMask:
     """Block lists for one (q_len, kv_len, block_q, block_k) shape.
 
-    kv_lists: int32 [B', num_q_blocks, 2 + K]: per query block, the key blocks to visit.
-    q_lists: int32 [B', num_k_blocks, 2 + Kt]: per key block, the query blocks that visit it.
-    B' is the batch when kv_mask was given, else 1 (shared by the batch).
+    kv_lists: int32 [B', H', num_q_blocks, 2 + K]: per query block, the key blocks to visit.
+    q_lists: int32 [B', H', num_k_blocks, 2 + Kt]: per key block, the query blocks that visit it.
+    B' is the batch when kv_mask was given, else 1 (shared by the batch); H' is the number of
+    heads when the layout differs per head (bigbird's random blocks), else 1.
     """
 
     kv_lists: jax.Array
@@ -192,24 +193,25 @@ def from_rule(rule: Rule, q_len: int, kv_len: int, block_q: int, block_k: int,
     """The block mask of a static rule, narrowed by kv_mask [B, kv_len] when given."""
     kv_lists, q_lists = static_lists(rule, q_len, kv_len, block_q, block_k)
     if kv_mask is None:
-        return BlockMask(jnp.asarray(kv_lists)[None], jnp.asarray(q_lists)[None],
+        return BlockMask(jnp.asarray(kv_lists)[None, None], jnp.asarray(q_lists)[None, None],
                          block_q, block_k)
     kb_any, kb_all = kv_block_states(kv_mask, kv_len, block_k)  # [B, nk]
     cand = kv_lists[:, HEADER:]  # [nq, K]: key block ids
     kv = restrict(kv_lists, None, None, kb_any[:, cand], kb_all[:, cand])
     qt = restrict(q_lists, kb_any, kb_all, None, None)
-    return BlockMask(kv, qt, block_q, block_k)
+    return BlockMask(kv[:, None], qt[:, None], block_q, block_k)
 
 
 def from_states(listed, full, block_q: int, block_k: int, kv_len: int,
                 kv_mask=None) -> BlockMask:
-    """The block mask from (possibly traced) states [nq, nk], narrowed by kv_mask."""
+    """The block mask from (possibly traced) states [H', nq, nk] (H' = 1 or heads), narrowed
+    by kv_mask."""
     listed = jnp.asarray(listed)
     full = jnp.asarray(full) & listed
     if kv_mask is not None:
         kb_any, kb_all = kv_block_states(kv_mask, kv_len, block_k)  # [B, nk]
-        listed = listed[None] & kb_any[:, None, :]
-        full = full[None] & kb_all[:, None, :]
+        listed = listed[None] & kb_any[:, None, None, :]
+        full = full[None] & kb_all[:, None, None, :]
     else:
         listed, full = listed[None], full[None]
     swap = lambda x: jnp.swapaxes(x, -1, -2)
@@ -219,23 +221,31 @@ def from_states(listed, full, block_q: int, block_k: int, kv_len: int,
 
 
 def bigbird_states(q_len: int, kv_len: int, block_q: int, block_k: int, *, block_size: int,
-                   num_blocks: int, num_window_blocks: int, num_global_blocks: int,
-                   random_layout, causal: bool = False):
-    """(listed, full) jnp bool [nq, nk] for bigbird; random_layout may be traced.
+                   num_window_blocks: int, num_global_blocks: int, random_layout,
+                   causal: bool = False):
+    """(listed, full) jnp bool [H, nq, nk] for bigbird; random_layout may be traced.
 
-    Needs block_size % block_q == 0 and block_size % block_k == 0, so every kernel tile lies in
-    one bigbird block and is kept or dropped whole by the pattern; causality and the key length
-    still make tiles partial (taken from the static rule).
+    random_layout: int [H, >= num_blocks, r] (attention/bigbird.py's buffer; entries outside
+    [0, num_blocks) point nowhere), num_blocks = ceil(max(q_len, kv_len) / block_size). Needs
+    block_size % block_q == 0 and block_size % block_k == 0, so every kernel tile lies in one
+    bigbird block and the pattern keeps or drops it whole; causality and the key length still
+    make tiles partial (taken from the static rule).
     """
     if block_size % block_q or block_size % block_k:
         raise ValueError(
-            f"bigbird pallas: kernel blocks (block_q={block_q}, block_k={block_k}) must divide "
+            f"bigbird pallas: kernel tiles (block_q={block_q}, block_k={block_k}) must divide "
             f"block_size={block_size}")
+    num_blocks = _cdiv(max(q_len, kv_len), block_size)
     nq, nk = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
     qb = (np.arange(nq) * block_q // block_size)[:, None]
     kb = (np.arange(nk) * block_k // block_size)[None, :]
-    kept = patterns.bigbird_blocks(
-        qb, kb, num_blocks=num_blocks, num_window_blocks=num_window_blocks,
-        num_global_blocks=num_global_blocks, random_layout=jnp.asarray(random_layout))
+    layout = jnp.asarray(random_layout)[:, :num_blocks].astype(jnp.int32)
+
+    def per_head(lay):
+        return patterns.bigbird_blocks(
+            qb, kb, num_blocks=num_blocks, num_window_blocks=num_window_blocks,
+            num_global_blocks=num_global_blocks, random_layout=lay)
+
+    kept = jax.vmap(per_head)(layout)  # [H, nq, nk]
     listed, full = block_states(Rule(None, (), causal), q_len, kv_len, block_q, block_k)
     return kept & listed, kept & full

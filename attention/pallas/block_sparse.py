@@ -242,12 +242,12 @@ def _compiler_params(cfg: _Config, head_dim: int):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages or 2)
 
 
-def _list_spec(lists, per_batch_axis):
-    """BlockSpec of one list row; lists [B', R, W] shared by the batch when B' == 1."""
-    width = lists.shape[-1]
-    if lists.shape[0] == 1:
-        return pl.BlockSpec((None, None, width), lambda r, b, h: (0, r, 0))
-    return pl.BlockSpec((None, None, width), lambda r, b, h: (b, r, 0))
+def _list_spec(lists):
+    """BlockSpec of one list row; lists [B', H', R, W], shared by the batch when B' == 1 and by
+    the heads when H' == 1."""
+    per_batch, per_head = lists.shape[0] > 1, lists.shape[1] > 1
+    return pl.BlockSpec((None, None, None, lists.shape[-1]),
+                        lambda r, b, h: (b if per_batch else 0, h if per_head else 0, r, 0))
 
 
 def _forward(cfg: _Config, q, k, v, kvm, kv_lists):
@@ -256,7 +256,7 @@ def _forward(cfg: _Config, q, k, v, kvm, kv_lists):
     tk, dv = k.shape[1], v.shape[-1]
     bq = cfg.block_q
     in_specs = [
-        _list_spec(kv_lists, 0),
+        _list_spec(kv_lists),
         pl.BlockSpec((None, bq, None, d), lambda r, b, h: (b, r, h, 0)),
         pl.BlockSpec((None, tk, None, d), lambda r, b, h: (b, 0, h, 0)),
         pl.BlockSpec((None, tk, None, dv), lambda r, b, h: (b, 0, h, 0)),
@@ -289,7 +289,7 @@ def _backward(cfg: _Config, q, k, v, kvm, kv_lists, q_lists, o, lse, do):
     params = _compiler_params(cfg, d)
 
     in_specs = [
-        _list_spec(kv_lists, 0),
+        _list_spec(kv_lists),
         pl.BlockSpec((None, bq, None, d), lambda r, b, h: (b, r, h, 0)),
         pl.BlockSpec((None, tk, None, d), lambda r, b, h: (b, 0, h, 0)),
         pl.BlockSpec((None, tk, None, dv), lambda r, b, h: (b, 0, h, 0)),
@@ -313,7 +313,7 @@ def _backward(cfg: _Config, q, k, v, kvm, kv_lists, q_lists, o, lse, do):
     )(*args)
 
     in_specs = [
-        _list_spec(q_lists, 0),
+        _list_spec(q_lists),
         pl.BlockSpec((None, bk, None, d), lambda r, b, h: (b, r, h, 0)),
         pl.BlockSpec((None, bk, None, dv), lambda r, b, h: (b, r, h, 0)),
         pl.BlockSpec((None, tq, None, d), lambda r, b, h: (b, 0, h, 0)),
@@ -404,8 +404,13 @@ _WARNED_DROPOUT = []
 
 
 def _attend(name, q, k, v, *, kv_mask, causal, pattern, hparams, block_q, block_k, interpret,
-            dropout_rate=0.0, dropout_rng=None):
-    """Checks, then the block-sparse kernel for patterns.<pattern>(**hparams) (None: dense)."""
+            dropout_rate=0.0, dropout_rng=None, states=None, tile_divides=None):
+    """Checks, then the block-sparse kernel for patterns.<pattern>(**hparams) (None: dense).
+
+    states: optional fn(q_len, kv_len, block_q, block_k) -> (listed, full) [H', nq, nk] for
+    patterns decided per tile outside the kernel (bigbird); the kernel then masks partial tiles
+    by causality and padding only. tile_divides: default tiles divide this size.
+    """
     import attention
 
     variant = attention.get(name)
@@ -420,10 +425,21 @@ def _attend(name, q, k, v, *, kv_mask, causal, pattern, hparams, block_q, block_
         return variant.fn(q, k, v, kv_mask=kv_mask, causal=causal, dropout_rate=dropout_rate,
                           dropout_rng=dropout_rng, **hparams)
     interpret = resolve_interpret(interpret, name)
+    if tile_divides is not None:  # the largest power of two dividing it, at most the default
+        cap = min(DEFAULT_BLOCK, tile_divides & -tile_divides)
+        block_q = min(cap, pick_block(None, q.shape[1], name, "block_q", True)) \
+            if block_q is None else block_q
+        block_k = min(cap, pick_block(None, k.shape[1], name, "block_k", True)) \
+            if block_k is None else block_k
     bq = pick_block(block_q, q.shape[1], name, "block_q", interpret)
     bk = pick_block(block_k, k.shape[1], name, "block_k", interpret)
-    rule = bm.Rule.make(pattern, causal, **hparams)
-    mask = bm.from_rule(rule, q.shape[1], k.shape[1], bq, bk, kv_mask)
+    if states is None:
+        rule = bm.Rule.make(pattern, causal, **hparams)
+        mask = bm.from_rule(rule, q.shape[1], k.shape[1], bq, bk, kv_mask)
+    else:
+        rule = bm.Rule.make(None, causal)
+        listed, full = states(q.shape[1], k.shape[1], bq, bk)
+        mask = bm.from_states(listed, full, bq, bk, k.shape[1], kv_mask)
     return block_sparse_attention(q, k, v, mask=mask, rule=rule, kv_mask=kv_mask,
                                   interpret=interpret)
 
@@ -498,3 +514,35 @@ def longformer_attention(q, k, v, *, kv_mask=None, causal=False, window=256, num
                    hparams=dict(window=window, num_global=num_global), block_q=block_q,
                    block_k=block_k, interpret=interpret, dropout_rate=dropout_rate,
                    dropout_rng=dropout_rng)
+
+
+@register_pallas("bigbird")
+def bigbird_attention(q, k, v, *, kv_mask=None, causal=False, block_size=64,
+                      num_window_blocks=3, num_global_blocks=2, num_random_blocks=3,
+                      random_layout=None, dropout_rate=0.0, dropout_rng=None, block_q=None,
+                      block_k=None, interpret=None):
+    """Window, global and random blocks (per-head layout); kernel tiles divide block_size, so
+    the lists come from the block-level predicate on the (possibly traced) layout."""
+    from attention import bigbird as xla
+
+    xla._check_hparams(block_size, num_window_blocks, num_global_blocks, num_random_blocks)
+    heads, r = q.shape[2], num_random_blocks
+    nb = -(-max(q.shape[1], k.shape[1]) // block_size)
+    if r == 0:
+        random_layout = jnp.full((heads, nb, 0), -1, jnp.int32)
+    elif (random_layout is None or random_layout.ndim != 3 or random_layout.shape[0] != heads
+          or random_layout.shape[1] < nb or random_layout.shape[2] != r):
+        raise ValueError(
+            f"bigbird: random_layout must be int [num_heads={heads}, >= num_blocks={nb}, "
+            f"num_random_blocks={r}] (from init_state); got "
+            f"{None if random_layout is None else tuple(random_layout.shape)}")
+    states = functools.partial(
+        bm.bigbird_states, block_size=block_size, num_window_blocks=num_window_blocks,
+        num_global_blocks=num_global_blocks, random_layout=random_layout, causal=causal)
+    hparams = dict(block_size=block_size, num_window_blocks=num_window_blocks,
+                   num_global_blocks=num_global_blocks, num_random_blocks=num_random_blocks,
+                   random_layout=random_layout)
+    return _attend("bigbird", q, k, v, kv_mask=kv_mask, causal=causal, pattern=None,
+                   hparams=hparams, block_q=block_q, block_k=block_k, interpret=interpret,
+                   dropout_rate=dropout_rate, dropout_rng=dropout_rng, states=states,
+                   tile_divides=block_size)
