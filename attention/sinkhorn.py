@@ -60,10 +60,13 @@ def sinkhorn(logits, mask, iters: int, rows_only: bool = False):
     """Log-space Sinkhorn normalisation of logits [..., n, n] over entries where mask is True.
     -> soft permutation [..., n, n], zero where mask is False."""
     x = jnp.where(mask, logits, NEG_INF)
-    for _ in range(1 if rows_only else iters):
+    if rows_only:
         x = x - _masked_lse(x, mask, axis=-1)
-        if not rows_only:
-            x = x - _masked_lse(x, mask, axis=-2)
+    else:
+        def step(_, x):
+            x = x - _masked_lse(x, mask, axis=-1)
+            return x - _masked_lse(x, mask, axis=-2)
+        x = jax.lax.fori_loop(0, iters, step, x)
     return jnp.where(mask, jnp.exp(x), 0.0)
 
 
