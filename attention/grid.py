@@ -1,0 +1,207 @@
+"""Attention on a rows x cols grid flattened row-major (images), with `num_prefix` global tokens.
+
+  axial    Ho et al. 2019, Axial Attention: each position attends to its own row (axis=1) or
+           its own column (axis=0); the model alternates the axis layer by layer. A reshape
+           makes rows (or columns) the groups: O(n * cols) or O(n * rows), O(n^1.5) on a
+           square grid.
+  local2d  Parmar et al. 2018, Image Transformer (2D local): abs(row_i - row_j) <= window and
+           abs(col_i - col_j) <= window. Query tiles of t x t cells attend to the
+           (t + 2 window)^2 cells around them (overlapping windows cut by strided slices), the
+           exact neighbourhood masked inside: O(n * (t + 2 window)^2), linear in the grid.
+Prefix tokens (e.g. a CLS token, num_prefix of them before the grid) see every position and
+are seen by every position: dense rows for them, shared keys for the grid queries.
+Predicates: attention/patterns.py (axial, local2d).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+
+from attention import patterns, register
+from attention._blocks import (
+    dropout_keys, heads_first, kv_mask_or_ones, merge, pad_axis, pair_mask, partial_attention,
+    round_up)
+from attention._util import check_causal, check_int, check_qkv
+
+
+def _check_grid(name: str, shape, num_prefix, q, k):
+    if (not isinstance(shape, Sequence) or len(shape) != 2
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape)):
+        raise ValueError(f"{name}: shape must be (rows, cols), two integers >= 1; got {shape!r}")
+    check_int(name, "num_prefix", num_prefix, 0)
+    n = num_prefix + shape[0] * shape[1]
+    if q.shape[1] != n or k.shape[1] != n:
+        raise ValueError(
+            f"{name}: shape {tuple(shape)} with num_prefix={num_prefix} needs q_len == kv_len "
+            f"== {num_prefix} + {shape[0]} * {shape[1]} = {n}; got q_len={q.shape[1]}, "
+            f"kv_len={k.shape[1]}")
+    return int(shape[0]), int(shape[1])
+
+
+def _prepare(name, q, k, v, kv_mask, causal, shape, num_prefix):
+    check_qkv(name, q, k, v, kv_mask)
+    check_causal(name, causal, True, q.shape[1], k.shape[1])
+    rows, cols = _check_grid(name, shape, num_prefix, q, k)
+    kvm = kv_mask_or_ones(kv_mask, k.shape[0], k.shape[1])
+    return heads_first(q), heads_first(k), heads_first(v), kvm, rows, cols
+
+
+def _with_prefix(grid_out, qh, kh, vh, kvm, keep, num_prefix, causal, dropout_rate, rng):
+    """Prepends the prefix tokens' outputs (dense rows: they see every key)."""
+    if num_prefix == 0:
+        return grid_out
+    mask = pair_mask(keep, jnp.arange(num_prefix)[None], jnp.arange(kh.shape[2]), kvm, causal)
+    rows = partial_attention(qh[:, :, None, :num_prefix], [(kh, vh, mask)],
+                             dropout_rate=dropout_rate, dropout_rng=rng)
+    return jnp.concatenate([merge(rows)[:, :, 0], grid_out], axis=2)
+
+
+def _prefix_group(kh, vh, kvm, keep, pos_q, num_prefix, causal):
+    """Grid queries' extra key group: the prefix tokens (shared by all groups)."""
+    return (kh[:, :, :num_prefix], vh[:, :, :num_prefix],
+            pair_mask(keep, pos_q, jnp.arange(num_prefix), kvm[:, :num_prefix], causal))
+
+
+@register(
+    "axial",
+    defaults={"shape": (32, 32), "axis": 1, "num_prefix": 0},
+    supports_causal=True,
+    complexity="O(n sqrt n)",
+    doc="Axial attention: same row (axis=1) or same column (axis=0) of a rows x cols grid "
+        "(Ho et al. 2019)",
+    supports_dropout=True,
+)
+def axial_attention(q, k, v, *, kv_mask=None, causal=False, shape=(32, 32), axis=1,
+                    num_prefix=0, dropout_rate=0.0, dropout_rng=None):
+    """q, k, v: [B, num_prefix + rows * cols, H, D]; kv_mask: bool [B, T]. -> [B, T, H, Dv]."""
+    if axis not in (0, 1) or isinstance(axis, bool):
+        raise ValueError(f"axial: axis must be 0 (same column) or 1 (same row); got {axis!r}")
+    qh, kh, vh, kvm, rows, cols = _prepare("axial", q, k, v, kv_mask, causal, shape, num_prefix)
+    p = num_prefix
+    keep = lambda i, j: patterns.axial(i, j, shape=(rows, cols), axis=axis,  # noqa: E731
+                                       num_prefix=p)
+    keys = dropout_keys(dropout_rate, dropout_rng, 2)
+
+    def lines(x, seq_axis):  # [.., p + R*C, ..] -> [.., lines, cells per line, ..]
+        x = x[(slice(None),) * seq_axis + (slice(p, None),)]
+        x = x.reshape(*x.shape[:seq_axis], rows, cols, *x.shape[seq_axis + 1:])
+        return x if axis == 1 else jnp.swapaxes(x, seq_axis, seq_axis + 1)
+
+    pos = lines(jnp.arange(p + rows * cols), 0)  # [G, Q]
+    kv = lines(kvm, 1)  # [B, G, Q]
+    groups = [(lines(kh, 2), lines(vh, 2), pair_mask(keep, pos, pos, kv, causal))]
+    if p:
+        groups.append(_prefix_group(kh, vh, kvm, keep, pos, p, causal))
+    out = merge(partial_attention(lines(qh, 2), groups, dropout_rate=dropout_rate,
+                                  dropout_rng=keys[0]))  # [B, H, G, Q, Dv]
+    if axis == 0:
+        out = jnp.swapaxes(out, 2, 3)
+    out = out.reshape(*out.shape[:2], rows * cols, out.shape[-1])
+    out = _with_prefix(out, qh, kh, vh, kvm, keep, p, causal, dropout_rate, keys[1])
+    return heads_first(out).astype(v.dtype)
+
+
+def tile_size(window: int) -> int:
+    """Side t of the square query tiles of local2d: the power of two >= window, at least 8."""
+    t = 8
+    while t < window:
+        t *= 2
+    return t
+
+
+def _grid_tiles(x, axis: int, t: int):
+    """[.., Rp, Cp, ..] (grid at axis, axis + 1; multiples of t) -> [.., nR * nC, t * t, ..]."""
+    s = x.shape
+    x = x.reshape(*s[:axis], s[axis] // t, t, s[axis + 1] // t, t, *s[axis + 2:])
+    x = jnp.swapaxes(x, axis + 1, axis + 2)  # [.., nR, nC, t, t, ..]
+    return x.reshape(*s[:axis], (s[axis] // t) * (s[axis + 1] // t), t * t, *s[axis + 2:])
+
+
+def _untile(x, axis: int, t: int, n_rows: int, n_cols: int):
+    """Inverse of _grid_tiles: [.., nR * nC, t * t, ..] -> [.., nR * t, nC * t, ..]."""
+    s = x.shape
+    x = x.reshape(*s[:axis], n_rows, n_cols, t, t, *s[axis + 2:])
+    x = jnp.swapaxes(x, axis + 1, axis + 2)
+    return x.reshape(*s[:axis], n_rows * t, n_cols * t, *s[axis + 2:])
+
+
+def _grid_windows(x, axis: int, t: int, w: int, n_rows: int, n_cols: int):
+    """Cells within `w` of each t x t tile: the overlapping (t + 2w)^2 windows.
+
+    x: [.., nR * t + 2w, nC * t + 2w, ..] (the grid padded by w on each side) ->
+    [.., nR * nC, (t + 2w)^2, ..]. Strided slices (no gather): window cell d of tile a along
+    an axis is padded cell a * t + d.
+    """
+    span = t + 2 * w
+
+    def cut(y, ax, count):  # [.., count * t + 2w, ..] -> [.., count, span, ..]
+        idx = [slice(None)] * y.ndim
+        out = []
+        for d in range(span):
+            idx[ax] = slice(d, d + count * t, t)
+            out.append(y[tuple(idx)])
+        return jnp.stack(out, axis=ax + 1)
+
+    x = cut(x, axis, n_rows)  # [.., nR, span, Cp + 2w, ..]
+    x = cut(x, axis + 2, n_cols)  # [.., nR, span, nC, span, ..]
+    x = jnp.swapaxes(x, axis + 1, axis + 2)  # [.., nR, nC, span, span, ..]
+    s = x.shape
+    return x.reshape(*s[:axis], n_rows * n_cols, span * span, *s[axis + 4:])
+
+
+@register(
+    "local2d",
+    defaults={"shape": (32, 32), "window": 3, "num_prefix": 0},
+    supports_causal=True,
+    complexity="O(n)",
+    doc="2D local attention: abs(row_i - row_j) <= window and abs(col_i - col_j) <= window "
+        "on a rows x cols grid (Parmar et al. 2018)",
+    supports_dropout=True,
+)
+def local2d_attention(q, k, v, *, kv_mask=None, causal=False, shape=(32, 32), window=3,
+                      num_prefix=0, dropout_rate=0.0, dropout_rng=None):
+    """q, k, v: [B, num_prefix + rows * cols, H, D]; kv_mask: bool [B, T]. -> [B, T, H, Dv]."""
+    check_int("local2d", "window", window, 0)
+    qh, kh, vh, kvm, rows, cols = _prepare("local2d", q, k, v, kv_mask, causal, shape,
+                                           num_prefix)
+    p, w = num_prefix, window
+    keep = lambda i, j: patterns.local2d(i, j, shape=(rows, cols), window=w,  # noqa: E731
+                                         num_prefix=p)
+    keys = dropout_keys(dropout_rate, dropout_rng, 2)
+    t = tile_size(w)
+    r_pad, c_pad = round_up(rows, t), round_up(cols, t)
+    n_rows, n_cols = r_pad // t, c_pad // t
+
+    def grid(x, seq_axis):  # [.., p + R*C, ..] -> [.., R, C, ..]
+        x = x[(slice(None),) * seq_axis + (slice(p, None),)]
+        return x.reshape(*x.shape[:seq_axis], rows, cols, *x.shape[seq_axis + 1:])
+
+    def padded(x, axis, before, fill):  # grid axes padded to tiles, plus `before` each side
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (before, r_pad - rows + before)
+        widths[axis + 1] = (before, c_pad - cols + before)
+        return jnp.pad(x, widths, constant_values=fill)
+
+    def queries(x, axis, fill=0):  # grid -> tiles [.., G, t*t, ..]
+        return _grid_tiles(padded(x, axis, 0, fill), axis, t)
+
+    def neighbourhood(x, axis, fill=0):  # grid -> windows [.., G, (t+2w)^2, ..]
+        return _grid_windows(padded(x, axis, w, fill), axis, t, w, n_rows, n_cols)
+
+    pos = grid(jnp.arange(p + rows * cols), 0)  # [R, C]
+    pos_q = queries(pos, 0, -1)  # [G, t*t]
+    pos_k = neighbourhood(pos, 0, -1)  # [G, (t+2w)^2]
+    kv = neighbourhood(grid(kvm, 1), 1, False)  # [B, G, (t+2w)^2]
+    in_grid = lambda i, j: keep(i, j) & (j >= p)  # noqa: E731  (padding cells are -1)
+    groups = [(neighbourhood(grid(kh, 2), 2), neighbourhood(grid(vh, 2), 2),
+               pair_mask(in_grid, pos_q, pos_k, kv, causal))]
+    if p:
+        groups.append(_prefix_group(kh, vh, kvm, keep, pos_q, p, causal))
+    out = merge(partial_attention(queries(grid(qh, 2), 2), groups, dropout_rate=dropout_rate,
+                                  dropout_rng=keys[0]))  # [B, H, G, t*t, Dv]
+    out = _untile(out, 2, t, n_rows, n_cols)[:, :, :rows, :cols]
+    out = out.reshape(*out.shape[:2], rows * cols, out.shape[-1])
+    out = _with_prefix(out, qh, kh, vh, kvm, keep, p, causal, dropout_rate, keys[1])
+    return heads_first(out).astype(v.dtype)
