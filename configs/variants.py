@@ -15,11 +15,31 @@ FIXED_PATTERN_HPARAMS: dict[str, dict[str, dict]] = {
 }
 
 # Clustering, learned patterns, low rank, kernels, synthesizer, inducing (attention part 2).
+# Lengths: listops 2000, text/retrieval 1000-4000, image/pathfinder 1024, pathx 16384. Bucket,
+# cluster and block counts grow with the length (Reformer: ~2n / chunk buckets; Routing: ~sqrt(n)
+# clusters); low-rank sizes follow the LRA setups (proj_dim 256, 256 features).
 LEARNED_HPARAMS: dict[str, dict[str, dict]] = {
+    "lsh": {"*": {"num_hashes": 2, "num_buckets": 32, "chunk_size": 64},
+            "text": {"num_buckets": 64}, "retrieval": {"num_buckets": 64},
+            "listops": {"num_buckets": 64}, "pathx": {"num_buckets": 256}},
+    "routing": {"*": {"num_clusters": 32}, "text": {"num_clusters": 64},
+                "retrieval": {"num_clusters": 64}, "pathx": {"num_clusters": 128}},
+    "sinkhorn": {"*": {"block_size": 64}, "pathx": {"block_size": 128}},
+    "linformer": {"*": {"proj_dim": 256}},
+    "nystrom": {"*": {"num_landmarks": 64}, "pathx": {"num_landmarks": 128}},
+    "compressed": {"*": {"compression": 4}, "pathx": {"compression": 16}},
+    "performer": {"*": {"num_features": 256, "feature_map": "favor+"}},
+    "synthesizer_dense": {"*": {"hidden_dim": 64}},
+    # A full 16K x 16K logit matrix per head is 1 GiB; Path-X uses the factorised form.
+    "synthesizer_random": {"pathx": {"factorized_rank": 64}},
+    "inducing": {"*": {"num_inducing": 32}, "pathx": {"num_inducing": 64}},
 }
 
 # For tiny configs: hyperparameter -> value used when max_len is small (<= 128).
 TINY_HPARAMS: dict[str, object] = {
+    # attention part 2 (chunk_size is shared with blockwise, which is exact at any chunk)
+    "chunk_size": 16, "num_buckets": 4, "num_clusters": 4, "proj_dim": 16,
+    "num_landmarks": 8, "num_features": 32, "num_inducing": 8, "hidden_dim": 16,
 }
 
 
