@@ -5,9 +5,10 @@
            makes rows (or columns) the groups: O(n * cols) or O(n * rows), O(n^1.5) on a
            square grid.
   local2d  Parmar et al. 2018, Image Transformer (2D local): abs(row_i - row_j) <= window and
-           abs(col_i - col_j) <= window. Query tiles of t x t cells attend to the
-           (t + 2 window)^2 cells around them (overlapping windows cut by strided slices), the
-           exact neighbourhood masked inside: O(n * (t + 2 window)^2), linear in the grid.
+           abs(col_i - col_j) <= window. Query tiles of t x t cells (t = the power of two >=
+           window, at least 8) attend to the (t + 2 window)^2 cells around them (each tile with
+           a halo cut from its neighbours, no gather), the exact neighbourhood masked inside:
+           O(n * (t + 2 window)^2), linear in the number of cells.
 Prefix tokens (e.g. a CLS token, num_prefix of them before the grid) see every position and
 are seen by every position: dense rows for them, shared keys for the grid queries.
 Predicates: attention/patterns.py (axial, local2d).
@@ -21,8 +22,8 @@ import jax.numpy as jnp
 
 from attention import patterns, register
 from attention._blocks import (
-    dropout_keys, heads_first, kv_mask_or_ones, merge, pad_axis, pair_mask, partial_attention,
-    round_up)
+    dropout_keys, heads_first, kv_mask_or_ones, merge, pair_mask, partial_attention, round_up,
+    to_blocks)
 from attention._util import check_causal, check_int, check_qkv
 
 
@@ -127,28 +128,41 @@ def _untile(x, axis: int, t: int, n_rows: int, n_cols: int):
     return x.reshape(*s[:axis], n_rows * t, n_cols * t, *s[axis + 2:])
 
 
-def _grid_windows(x, axis: int, t: int, w: int, n_rows: int, n_cols: int):
+def _halo(x, axis: int, t: int, w: int, fill):
+    """[.., count * t, ..] -> [.., count, t + 2w, ..]: each block of t with w cells each side.
+
+    w <= t, so the halo is the tail of the previous block and the head of the next (three
+    slices, no gather); cells outside the axis are `fill`.
+    """
+    xb = to_blocks(x, t, axis)  # [.., count, t, ..]
+    if w == 0:
+        return xb
+    count = xb.shape[axis]
+    widths = [(0, 0)] * xb.ndim
+    widths[axis] = (1, 1)
+    xp = jnp.pad(xb, widths, constant_values=fill)
+
+    def part(blocks: slice, cells: slice):
+        idx = [slice(None)] * xb.ndim
+        idx[axis], idx[axis + 1] = blocks, cells
+        return xp[tuple(idx)]
+
+    prev = part(slice(0, count), slice(t - w, t))
+    after = part(slice(2, count + 2), slice(0, w))
+    return jnp.concatenate([prev, xb, after], axis=axis + 1)
+
+
+def _grid_windows(x, axis: int, t: int, w: int, fill):
     """Cells within `w` of each t x t tile: the overlapping (t + 2w)^2 windows.
 
-    x: [.., nR * t + 2w, nC * t + 2w, ..] (the grid padded by w on each side) ->
-    [.., nR * nC, (t + 2w)^2, ..]. Strided slices (no gather): window cell d of tile a along
-    an axis is padded cell a * t + d.
+    x: [.., nR * t, nC * t, ..] (grid at axis, axis + 1) -> [.., nR * nC, (t + 2w)^2, ..].
     """
-    span = t + 2 * w
-
-    def cut(y, ax, count):  # [.., count * t + 2w, ..] -> [.., count, span, ..]
-        idx = [slice(None)] * y.ndim
-        out = []
-        for d in range(span):
-            idx[ax] = slice(d, d + count * t, t)
-            out.append(y[tuple(idx)])
-        return jnp.stack(out, axis=ax + 1)
-
-    x = cut(x, axis, n_rows)  # [.., nR, span, Cp + 2w, ..]
-    x = cut(x, axis + 2, n_cols)  # [.., nR, span, nC, span, ..]
+    x = _halo(x, axis, t, w, fill)  # [.., nR, span, Cp, ..]
+    x = _halo(x, axis + 2, t, w, fill)  # [.., nR, span, nC, span, ..]
     x = jnp.swapaxes(x, axis + 1, axis + 2)  # [.., nR, nC, span, span, ..]
     s = x.shape
-    return x.reshape(*s[:axis], n_rows * n_cols, span * span, *s[axis + 4:])
+    return x.reshape(*s[:axis], s[axis] * s[axis + 1], s[axis + 2] * s[axis + 3],
+                     *s[axis + 4:])
 
 
 @register(
@@ -178,17 +192,17 @@ def local2d_attention(q, k, v, *, kv_mask=None, causal=False, shape=(32, 32), wi
         x = x[(slice(None),) * seq_axis + (slice(p, None),)]
         return x.reshape(*x.shape[:seq_axis], rows, cols, *x.shape[seq_axis + 1:])
 
-    def padded(x, axis, before, fill):  # grid axes padded to tiles, plus `before` each side
+    def padded(x, axis, fill):  # grid axes padded to whole tiles
         widths = [(0, 0)] * x.ndim
-        widths[axis] = (before, r_pad - rows + before)
-        widths[axis + 1] = (before, c_pad - cols + before)
+        widths[axis] = (0, r_pad - rows)
+        widths[axis + 1] = (0, c_pad - cols)
         return jnp.pad(x, widths, constant_values=fill)
 
     def queries(x, axis, fill=0):  # grid -> tiles [.., G, t*t, ..]
-        return _grid_tiles(padded(x, axis, 0, fill), axis, t)
+        return _grid_tiles(padded(x, axis, fill), axis, t)
 
     def neighbourhood(x, axis, fill=0):  # grid -> windows [.., G, (t+2w)^2, ..]
-        return _grid_windows(padded(x, axis, w, fill), axis, t, w, n_rows, n_cols)
+        return _grid_windows(padded(x, axis, fill), axis, t, w, fill)
 
     pos = grid(jnp.arange(p + rows * cols), 0)  # [R, C]
     pos_q = queries(pos, 0, -1)  # [G, t*t]
