@@ -10,8 +10,18 @@ from __future__ import annotations
 
 # variant -> {task or "*": {hyperparameter: value}}. "*" applies to every task; a task entry
 # wins over "*".
-# Fixed patterns (attention part 1).
+# Fixed patterns (attention part 1). Registry defaults follow LRA (local window 50 ~ its local
+# block of 50; longformer window 256 = its sliding window of 512; bigbird blocks of 64 with 3
+# window, 2 global, 3 random blocks; sparse_fixed block 128 / summary 32). On the image grids
+# (32 x 32; Path-X 128 x 128) the stride is the row width, so the strided part of the Sparse
+# Transformer is the pixel's column (Child et al. 2019, Sec. 4); Path-X gets the sqrt(n) sizes.
 FIXED_PATTERN_HPARAMS: dict[str, dict[str, dict]] = {
+    "strided": {"image": {"stride": 32}, "pathfinder": {"stride": 32},
+                "pathx": {"stride": 128}},
+    "sparse": {"image": {"window": 16, "stride": 32}, "pathfinder": {"window": 16, "stride": 32},
+               "pathx": {"window": 64, "stride": 128}},
+    "sparse_fixed": {"pathx": {"block_size": 256, "summary": 16}},
+    "blockwise": {"pathx": {"chunk_size": 256}},
 }
 
 # Clustering, learned patterns, low rank, kernels, synthesizer, inducing (attention part 2).
@@ -40,6 +50,8 @@ TINY_HPARAMS: dict[str, object] = {
     # attention part 2 (chunk_size is shared with blockwise, which is exact at any chunk)
     "chunk_size": 16, "num_buckets": 4, "num_clusters": 4, "proj_dim": 16,
     "num_landmarks": 8, "num_features": 32, "num_inducing": 8, "hidden_dim": 16,
+    # attention part 1 (block_size is shared with sinkhorn; 8 keeps several blocks at 64)
+    "window": 4, "stride": 8, "block_size": 8, "summary": 2, "num_random_blocks": 1,
 }
 
 

@@ -10,8 +10,19 @@ CORE_CASES = {
     "dense": {},
 }
 
-# attention part 1 (fixed patterns) adds its entries here.
+# attention part 1 (fixed patterns) adds its entries here. Grid variants carry their shape
+# (with a prefix token); the registry tests take the length from it.
 FIXED_PATTERN_CASES: dict[str, dict] = {
+    "blockwise": {"chunk_size": 8},
+    "local": {"window": 3},
+    "strided": {"stride": 4},
+    "sparse": {"window": 2, "stride": 5},
+    "sparse_fixed": {"block_size": 6, "summary": 2},
+    "longformer": {"window": 3, "num_global": 2},
+    "bigbird": {"block_size": 4, "num_window_blocks": 3, "num_global_blocks": 2,
+                "num_random_blocks": 1},
+    "axial": {"shape": (4, 6), "axis": 0, "num_prefix": 1},
+    "local2d": {"shape": (5, 6), "window": 1, "num_prefix": 1},
 }
 
 # attention part 2 (learned / low-rank / kernels) adds its entries here.
