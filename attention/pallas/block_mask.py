@@ -71,6 +71,10 @@ class BlockMask:
     q_lists: jax.Array
     block_q: int = dataclasses.field(metadata=dict(static=True))
     block_k: int = dataclasses.field(metadata=dict(static=True))
+    # Every row of kv_lists / q_lists lists consecutive ascending blocks (dense; causal
+    # kv_lists): the kernels then step from the first entry instead of reading each index.
+    kv_contiguous: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    q_contiguous: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def num_full(self):
@@ -146,6 +150,15 @@ def lists_from_states(listed, full, *, width: int | None = None, index=None, xp=
     return xp.concatenate([num_full[..., None], num_listed[..., None], index], axis=-1)
 
 
+def is_contiguous(lists) -> bool:
+    """True when every row of numpy lists [R, 2 + K] lists consecutive ascending blocks."""
+    lists = np.asarray(lists)
+    idx = lists[:, HEADER:]
+    t = np.arange(idx.shape[1])
+    used = t[None, :] < lists[:, 1:2]
+    return bool(np.all(~used | (idx == idx[:, :1] + t[None, :])))
+
+
 @functools.lru_cache(maxsize=64)
 def static_lists(rule: Rule, q_len: int, kv_len: int, block_q: int, block_k: int):
     """(kv_lists [nq, 2+K], q_lists [nk, 2+Kt]) as numpy int32 for a static rule."""
@@ -194,7 +207,7 @@ def from_rule(rule: Rule, q_len: int, kv_len: int, block_q: int, block_k: int,
     kv_lists, q_lists = static_lists(rule, q_len, kv_len, block_q, block_k)
     if kv_mask is None:
         return BlockMask(jnp.asarray(kv_lists)[None, None], jnp.asarray(q_lists)[None, None],
-                         block_q, block_k)
+                         block_q, block_k, is_contiguous(kv_lists), is_contiguous(q_lists))
     kb_any, kb_all = kv_block_states(kv_mask, kv_len, block_k)  # [B, nk]
     cand = kv_lists[:, HEADER:]  # [nq, K]: key block ids
     kv = restrict(kv_lists, None, None, kb_any[:, cand], kb_all[:, cand])

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from attention import patterns, register_pallas
 from attention._util import check_causal, check_int, check_qkv
@@ -92,6 +93,9 @@ class _Config:
     kv_len: int            # real key length (keys past it are padding)
     has_kv_mask: bool
     interpret: bool
+    kv_contiguous: bool = False  # lists hold consecutive blocks: step from the first entry
+    q_contiguous: bool = False
+    check_len: bool = True    # keys past kv_len exist (kv_len is not a multiple of block_k)
     num_warps: int | None = None
     num_stages: int | None = None
 
@@ -100,11 +104,22 @@ def _tile_keep(cfg: _Config, rows, cols, kv_valid):
     """bool [len(rows), len(cols)] keep mask of a partial tile (rows: query positions)."""
     i, j = rows[:, None], cols[None, :]
     keep = cfg.rule.keep(i, j)
-    inside = j < cfg.kv_len
-    keep = inside if keep is None else keep & inside
+    if cfg.check_len:
+        inside = j < cfg.kv_len
+        keep = inside if keep is None else keep & inside
     if kv_valid is not None:
-        keep = keep & (kv_valid[None, :] != 0)
+        valid = kv_valid[None, :] != 0
+        keep = valid if keep is None else keep & valid
+    if keep is None:  # a partial tile always has a reason to be partial
+        keep = jnp.ones((rows.shape[0], cols.shape[0]), bool)
     return keep
+
+
+def _block_id(contiguous: bool, lists_ref, t):
+    """Block index of list entry t."""
+    if contiguous:
+        return lists_ref[bm.HEADER] + t
+    return lists_ref[bm.HEADER + t]
 
 
 def _fwd_kernel(lists_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
@@ -123,11 +138,11 @@ def _fwd_kernel(lists_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
 
     def step(t, carry, masked):
         acc, m, l = carry
-        kb = lists_ref[bm.HEADER + t]
+        kb = _block_id(cfg.kv_contiguous, lists_ref, t)
         start = pl.multiple_of(kb * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
-        s = pl.dot(q, k, trans_b=True) * c  # [bq, bk] f32
+        s = plgpu.dot(q, k, trans_b=True) * c  # [bq, bk] f32
         if masked:
             cols = start + jnp.arange(bk, dtype=jnp.int32)
             kv_valid = kvm_ref[pl.ds(start, bk)] if kvm_ref is not None else None
@@ -139,7 +154,7 @@ def _fwd_kernel(lists_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
         if masked:
             p = jnp.where(keep, p, 0.0)
         l = alpha * l + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
     carry = (jnp.zeros(o_ref.shape, jnp.float32), jnp.full((bq,), MASK, jnp.float32),
@@ -168,19 +183,19 @@ def _dq_kernel(lists_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
     c = cfg.scale * LOG2E
 
     def step(t, dq, masked):
-        kb = lists_ref[bm.HEADER + t]
+        kb = _block_id(cfg.kv_contiguous, lists_ref, t)
         start = pl.multiple_of(kb * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
-        s = pl.dot(q, k, trans_b=True) * c
+        s = plgpu.dot(q, k, trans_b=True) * c
         p = jnp.exp2(s - lse[:, None])  # [bq, bk]
         if masked:
             cols = start + jnp.arange(bk, dtype=jnp.int32)
             kv_valid = kvm_ref[pl.ds(start, bk)] if kvm_ref is not None else None
             p = jnp.where(_tile_keep(cfg, rows, cols, kv_valid), p, 0.0)
-        dp = pl.dot(do, v, trans_b=True)
+        dp = plgpu.dot(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
-        return dq + pl.dot(ds.astype(k.dtype), k)
+        return dq + plgpu.dot(ds.astype(k.dtype), k)
 
     dq = jnp.zeros(dq_ref.shape, jnp.float32)
     num_full, num_listed = lists_ref[0], lists_ref[1]
@@ -206,22 +221,22 @@ def _dkv_kernel(lists_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *ref
 
     def step(t, carry, masked):
         dk, dv = carry
-        qb = lists_ref[bm.HEADER + t]
+        qb = _block_id(cfg.q_contiguous, lists_ref, t)
         start = pl.multiple_of(qb * bq, bq)
         q = q_ref[pl.ds(start, bq), :]
         do = do_ref[pl.ds(start, bq), :]
         lse = lse_ref[pl.ds(start, bq)]
         delta = delta_ref[pl.ds(start, bq)]
-        s_t = pl.dot(k, q, trans_b=True) * c  # [bk, bq]: transposed scores
+        s_t = plgpu.dot(k, q, trans_b=True) * c  # [bk, bq]: transposed scores
         p_t = jnp.exp2(s_t - lse[None, :])
         if masked:
             rows = start + jnp.arange(bq, dtype=jnp.int32)
             keep = _tile_keep(cfg, rows, cols, kv_valid)  # [bq, bk]
             p_t = jnp.where(keep.T, p_t, 0.0)
-        dv = dv + pl.dot(p_t.astype(do.dtype), do)
-        dp_t = pl.dot(v, do, trans_b=True)
+        dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
+        dp_t = plgpu.dot(v, do, trans_b=True)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = dk + pl.dot(ds_t.astype(q.dtype), q)
+        dk = dk + plgpu.dot(ds_t.astype(q.dtype), q)
         return dk, dv
 
     carry = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
@@ -236,7 +251,6 @@ def _dkv_kernel(lists_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *ref
 def _compiler_params(cfg: _Config, head_dim: int):
     if cfg.interpret:
         return None
-    from jax.experimental.pallas import triton as plgpu
 
     num_warps = cfg.num_warps or (4 if head_dim <= 64 else 8)
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages or 2)
@@ -385,6 +399,8 @@ def block_sparse_attention(q, k, v, *, mask: bm.BlockMask, rule: bm.Rule, kv_mas
     dp, dvp = _pow2_at_least(d), _pow2_at_least(dv)
     cfg = _Config(rule=rule, scale=1.0 / math.sqrt(d), block_q=bq, block_k=bk, kv_len=kv_len,
                   has_kv_mask=kv_mask is not None, interpret=interpret,
+                  kv_contiguous=mask.kv_contiguous, q_contiguous=mask.q_contiguous,
+                  check_len=tk != kv_len,
                   num_warps=num_warps, num_stages=num_stages)
     # Zero padding: padded head dims add nothing to q.k; padded keys are masked; padded query
     # rows are sliced off.

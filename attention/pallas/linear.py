@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from attention import register_pallas
 from attention._util import NEG_INF, check_causal, check_int, check_qkv
@@ -44,7 +45,6 @@ class _Config:
 def _params(cfg: _Config):
     if cfg.interpret:
         return None
-    from jax.experimental.pallas import triton as plgpu
 
     return plgpu.CompilerParams(num_warps=cfg.num_warps or 4, num_stages=cfg.num_stages or 2)
 
@@ -83,7 +83,7 @@ def _state_kernel(a_ref, b_ref, *refs, cfg: _Config, weighted: bool, reverse: bo
         start = pl.multiple_of(ci * c, c)
         a = a_ref[pl.ds(start, c), :]
         b = b_ref[pl.ds(start, c), :]
-        ds = pl.dot(a, b, trans_a=True)  # [F, Dv]
+        ds = plgpu.dot(a, b, trans_a=True)  # [F, Dv]
         af = a.astype(jnp.float32)
         if weighted:
             af = af * w_ref[pl.ds(start, c)][:, None]
@@ -172,13 +172,13 @@ def _out_kernel(q_ref, k_ref, v_ref, s_ref, z_ref, *refs, cfg: _Config):
     prev_ref, own_ref, num_ref, den_ref = refs if cfg.scaled else (None, None) + refs
     prev, own = _weights(cfg, prev_ref, own_ref)
     q = q_ref[...]
-    num = pl.dot(q, s_ref[...].astype(q.dtype))
+    num = plgpu.dot(q, s_ref[...].astype(q.dtype))
     den = jnp.sum(q.astype(jnp.float32) * z_ref[...][None, :], axis=1)
     if prev is not None:
         num, den = num * prev, den * prev
     if cfg.causal:
-        a = jnp.where(_tril(cfg.chunk), pl.dot(q, k_ref[...], trans_b=True), 0.0)  # [C, C]
-        n_in = pl.dot(a.astype(v_ref.dtype), v_ref[...])
+        a = jnp.where(_tril(cfg.chunk), plgpu.dot(q, k_ref[...], trans_b=True), 0.0)  # [C, C]
+        n_in = plgpu.dot(a.astype(v_ref.dtype), v_ref[...])
         d_in = jnp.sum(a, axis=1)
         if own is not None:
             n_in, d_in = n_in * own, d_in * own
@@ -192,14 +192,14 @@ def _dq_kernel(dn_ref, dd_ref, k_ref, v_ref, s_ref, z_ref, *refs, cfg: _Config):
     prev_ref, own_ref, dq_ref = refs if cfg.scaled else (None, None) + refs
     prev, own = _weights(cfg, prev_ref, own_ref)
     dn, dd = dn_ref[...], dd_ref[...]  # [C, Dv], [C]
-    dq = pl.dot(dn, s_ref[...].astype(dn.dtype), trans_b=True)  # [C, F]
+    dq = plgpu.dot(dn, s_ref[...].astype(dn.dtype), trans_b=True)  # [C, F]
     dq = dq + dd[:, None] * z_ref[...][None, :]
     if prev is not None:
         dq = dq * prev
     if cfg.causal:
-        m = pl.dot(dn, v_ref[...], trans_b=True) + dd[:, None]  # [C, C]
+        m = plgpu.dot(dn, v_ref[...], trans_b=True) + dd[:, None]  # [C, C]
         m = jnp.where(_tril(cfg.chunk), m, 0.0)
-        d_in = pl.dot(m.astype(k_ref.dtype), k_ref[...])
+        d_in = plgpu.dot(m.astype(k_ref.dtype), k_ref[...])
         dq = dq + (d_in * own if own is not None else d_in)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
@@ -211,17 +211,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dn_ref, dd_ref, r_ref, rz_ref, *refs, cfg: 
     prev, own = _weights(cfg, prev_ref, own_ref)
     k, v = k_ref[...], v_ref[...]
     r = r_ref[...].astype(k.dtype)  # [F, Dv]
-    dk = pl.dot(v, r, trans_b=True) + rz_ref[...][None, :]  # [C, F]
-    dv = pl.dot(k, r)  # [C, Dv]
+    dk = plgpu.dot(v, r, trans_b=True) + rz_ref[...][None, :]  # [C, F]
+    dv = plgpu.dot(k, r)  # [C, Dv]
     if prev is not None:
         dk, dv = dk * prev, dv * prev
     if cfg.causal:
         q, dn, dd = q_ref[...], dn_ref[...], dd_ref[...]
         tril = _tril(cfg.chunk)
-        m = jnp.where(tril, pl.dot(dn, v, trans_b=True) + dd[:, None], 0.0)  # [Ci, Cj]
-        dk_in = pl.dot(m.astype(q.dtype), q, trans_a=True)
-        a = jnp.where(tril, pl.dot(q, k, trans_b=True), 0.0)  # [Ci, Cj]
-        dv_in = pl.dot(a.astype(dn.dtype), dn, trans_a=True)
+        m = jnp.where(tril, plgpu.dot(dn, v, trans_b=True) + dd[:, None], 0.0)  # [Ci, Cj]
+        dk_in = plgpu.dot(m.astype(q.dtype), q, trans_a=True)
+        a = jnp.where(tril, plgpu.dot(q, k, trans_b=True), 0.0)  # [Ci, Cj]
+        dv_in = plgpu.dot(a.astype(dn.dtype), dn, trans_a=True)
         if own is not None:
             dk_in, dv_in = dk_in * own, dv_in * own
         dk, dv = dk + dk_in, dv + dv_in
