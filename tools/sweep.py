@@ -27,6 +27,8 @@ import time
 from tools.common import REPO_ROOT, registered_tasks, task_order
 
 FINISHED, UNFINISHED, FAILED, NEW, RUNNING = "finished", "unfinished", "failed", "new", "running"
+# What a sweep does with a run in each state (finished runs are skipped).
+ACTIONS = {NEW: "started", UNFINISHED: "resumed", FAILED: "retried"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +119,8 @@ def execute(run: Run, sets, arg: str, timeout: float | None = None, echo=print) 
     os.makedirs(run.workdir, exist_ok=True)
     before = run_state(run.workdir)
     cmd = command_for(run, sets, arg)
-    status = {"task": run.task, "variant": run.variant, "status": RUNNING,
-              "resumed": before in (UNFINISHED, FAILED), "command": cmd, "started": _now()}
+    status = {"task": run.task, "variant": run.variant, "status": RUNNING, "before": before,
+              "command": cmd, "started": _now()}
     status_path = os.path.join(run.workdir, "status.json")
     _write_json(status_path, status)
     env = dict(os.environ)
@@ -173,11 +175,10 @@ def sweep(tasks: list[str], variants: list[str], root: str, sets=(), arg: str = 
             entry["status"] = state
             entry["action"] = "skipped"
         else:
-            echo(f"[{n}/{len(runs)}] {run.task}/{run.variant}: "
-                 f"{'resuming' if state in (UNFINISHED, FAILED) else 'starting'}")
+            echo(f"[{n}/{len(runs)}] {run.task}/{run.variant}: {state}, {ACTIONS[state]}")
             result = execute(run, sets, arg, timeout=timeout, echo=echo)
             entry["status"] = result["status"]
-            entry["action"] = "resumed" if result["resumed"] else "started"
+            entry["action"] = ACTIONS[state]
             if result["status"] == FAILED:
                 entry["error"] = result["error"]
         summary.append(entry)
