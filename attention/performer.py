@@ -37,7 +37,12 @@ def orthogonal_features(key, num_features: int, dim: int):
     of an independent standard Gaussian vector (the marginals of w ~ N(0, I))."""
     n_blocks = -(-num_features // dim)
     keys = jax.random.split(key, n_blocks + 1)
-    rows = [jnp.linalg.qr(jax.random.normal(kb, (dim, dim)))[0].T for kb in keys[:-1]]
+    rows = []
+    for kb in keys[:-1]:
+        q, r = jnp.linalg.qr(jax.random.normal(kb, (dim, dim)))
+        # Sign-fix so that Q is Haar-distributed: LAPACK's Householder QR leaves each column
+        # in a fixed half-space, which biases the estimator.
+        rows.append((q * jnp.sign(jnp.diagonal(r))[None, :]).T)
     w = jnp.concatenate(rows, axis=0)[:num_features]
     norms = jnp.linalg.norm(jax.random.normal(keys[-1], (num_features, dim)), axis=-1)
     return w * norms[:, None]
