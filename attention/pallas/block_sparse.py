@@ -22,11 +22,10 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from attention import patterns, register_pallas
+from attention import register_pallas
 from attention._util import check_causal, check_int, check_qkv
 from attention.pallas import block_mask as bm
 
@@ -100,19 +99,24 @@ class _Config:
     num_stages: int | None = None
 
 
-def _tile_keep(cfg: _Config, rows, cols, kv_valid):
-    """bool [len(rows), len(cols)] keep mask of a partial tile (rows: query positions)."""
-    i, j = rows[:, None], cols[None, :]
+def _tile_keep(cfg: _Config, rows, cols, kv_valid, transposed=False):
+    """bool keep mask of a partial tile: [len(rows), len(cols)] (rows: query positions), or
+    [len(cols), len(rows)] when transposed (built that way: no transpose in the kernel)."""
+    if transposed:
+        i, j = rows[None, :], cols[:, None]
+    else:
+        i, j = rows[:, None], cols[None, :]
     keep = cfg.rule.keep(i, j)
     if cfg.check_len:
         inside = j < cfg.kv_len
         keep = inside if keep is None else keep & inside
     if kv_valid is not None:
-        valid = kv_valid[None, :] != 0
+        valid = (kv_valid[:, None] if transposed else kv_valid[None, :]) != 0
         keep = valid if keep is None else keep & valid
+    shape = (cols.shape[0], rows.shape[0]) if transposed else (rows.shape[0], cols.shape[0])
     if keep is None:  # a partial tile always has a reason to be partial
-        keep = jnp.ones((rows.shape[0], cols.shape[0]), bool)
-    return keep
+        return jnp.ones(shape, bool)
+    return jnp.broadcast_to(keep, shape)
 
 
 def _block_id(contiguous: bool, lists_ref, t):
@@ -231,8 +235,8 @@ def _dkv_kernel(lists_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *ref
         p_t = jnp.exp2(s_t - lse[None, :])
         if masked:
             rows = start + jnp.arange(bq, dtype=jnp.int32)
-            keep = _tile_keep(cfg, rows, cols, kv_valid)  # [bq, bk]
-            p_t = jnp.where(keep.T, p_t, 0.0)
+            keep_t = _tile_keep(cfg, rows, cols, kv_valid, transposed=True)  # [bk, bq]
+            p_t = jnp.where(keep_t, p_t, 0.0)
         dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
         dp_t = plgpu.dot(v, do, trans_b=True)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -251,7 +255,6 @@ def _dkv_kernel(lists_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *ref
 def _compiler_params(cfg: _Config, head_dim: int):
     if cfg.interpret:
         return None
-
     num_warps = cfg.num_warps or (4 if head_dim <= 64 else 8)
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages or 2)
 

@@ -42,11 +42,12 @@ class _Config:
     num_stages: int | None = None
 
 
-def _params(cfg: _Config):
+def _params(cfg: _Config, f: int, dv: int):
+    """Triton settings; a large [F, Dv] state (performer's 256 features) gets more warps."""
     if cfg.interpret:
         return None
-
-    return plgpu.CompilerParams(num_warps=cfg.num_warps or 4, num_stages=cfg.num_stages or 2)
+    num_warps = cfg.num_warps or (8 if f * dv >= 128 * 64 else 4)
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages or 2)
 
 
 def _tril(c: int):
@@ -125,7 +126,7 @@ def _states(cfg: _Config, a, b, w=None, factors=(), *, reverse=False):
                    pl.BlockSpec((None, None, n, f), lambda i, j: (i, j, 0, 0))],
         out_shape=[jax.ShapeDtypeStruct((batch, heads, n, f, dv), jnp.float32),
                    jax.ShapeDtypeStruct((batch, heads, n, f), jnp.float32)],
-        compiler_params=_params(cfg),
+        compiler_params=_params(cfg, f, dv),
         interpret=cfg.interpret,
         name="linear_attention_states_rev" if reverse else "linear_attention_states",
     )(*args)
@@ -245,7 +246,7 @@ def _forward(cfg: _Config, q, k, v, factors):
         out_specs=[_chunk_specs(cfg, dv)[0], _row_spec(cfg)],
         out_shape=[jax.ShapeDtypeStruct((batch, t, heads, dv), jnp.float32),
                    jax.ShapeDtypeStruct((batch, heads, t), jnp.float32)],
-        compiler_params=_params(cfg),
+        compiler_params=_params(cfg, f, dv),
         interpret=cfg.interpret,
         name="linear_attention_out",
     )(q, k, v, s, z, *fwd)
@@ -262,7 +263,7 @@ def _backward(cfg: _Config, q, k, v, factors, dnum, dden):
         + _state_specs(cfg, f, dv) + _factor_specs(fwd),
         out_specs=_chunk_specs(cfg, f)[0],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(cfg),
+        compiler_params=_params(cfg, f, dv),
         interpret=cfg.interpret,
         name="linear_attention_dq",
     )(dnum, dden, k, v, s, z, *fwd)
@@ -277,7 +278,7 @@ def _backward(cfg: _Config, q, k, v, factors, dnum, dden):
         out_specs=_chunk_specs(cfg, f, dv),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_params(cfg),
+        compiler_params=_params(cfg, f, dv),
         interpret=cfg.interpret,
         name="linear_attention_dkv",
     )(q, k, v, dnum, dden, r, rz, *own)

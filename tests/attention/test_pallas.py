@@ -20,7 +20,7 @@ import pytest
 import attention
 from attention import patterns
 from attention.pallas import block_mask as bm
-from attention.pallas import block_sparse, linear
+from attention.pallas import block_sparse
 
 warnings.filterwarnings("ignore", message=".*interpret mode.*")
 
