@@ -100,21 +100,29 @@ def picture_hparams(name: str, length: int, overrides: dict | None = None) -> di
     return hp
 
 
-def variant_masks(name: str, length: int = PICTURE_LENGTH, causal: bool = False,
-                  overrides: dict | None = None, seed: int = 0) -> list[tuple[str, np.ndarray]]:
-    """[(label, bool [length, length])]: the variant's pattern (one per axis for axial)."""
+def picture_setup(name: str, length: int = PICTURE_LENGTH, overrides: dict | None = None,
+                  seed: int = 0) -> tuple[list[dict], dict]:
+    """([hparams per panel], init_state of one head) of the variant's picture; one panel per
+    axis for variants with an `axis` hyperparameter."""
     import jax
 
     import attention
-    from attention import patterns
 
     hp = picture_hparams(name, length, overrides)
     state = attention.get(name).init_state(jax.random.key(seed), q_len=length, kv_len=length,
                                            num_heads=1, head_dim=8, **hp)
+    panels = [{**hp, "axis": axis} for axis in (0, 1)] if "axis" in hp else [hp]
+    return panels, state
+
+
+def variant_masks(name: str, length: int = PICTURE_LENGTH, causal: bool = False,
+                  overrides: dict | None = None, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    """[(label, bool [length, length])]: the variant's pattern (one per axis for axial)."""
+    from attention import patterns
+
+    panels, state = picture_setup(name, length, overrides, seed)
     out = []
-    axes = [0, 1] if "axis" in hp else [None]
-    for axis in axes:
-        h = dict(hp) if axis is None else {**hp, "axis": axis}
+    for h in panels:
         kw = predicate_kwargs(name, length, h, state["buffers"])
         label = ", ".join(f"{k}={v}" for k, v in sorted(kw.items()) if k != "random_layout")
         if "random_layout" in kw:
@@ -207,6 +215,21 @@ def _capture_projections(attn):
         nnx.Linear.__call__ = original
 
 
+def _captured_forward(model, inputs, mask, layer: int) -> dict:
+    """q, k, v projections and the attention output (pre out-projection) of `layer`, from one
+    jitted forward pass (one compile instead of op-by-op dispatch)."""
+    from flax import nnx
+
+    @nnx.jit
+    def run(model, inputs, mask):
+        attn = encoder_of(model).blocks[layer].attention
+        with _capture_projections(attn) as cap:
+            model(inputs, mask, train=False)
+        return dict(cap)
+
+    return run(model, inputs, mask)
+
+
 def encoder_of(model):
     return model.encoder
 
@@ -240,8 +263,7 @@ def attention_map(model, inputs: np.ndarray, mask: np.ndarray, *, layer: int = 0
     if pair:
         batch_in = jnp.stack([batch_in, batch_in], axis=1)
         batch_mask = jnp.stack([batch_mask, batch_mask], axis=1)
-    with _capture_projections(attn) as cap:
-        model(batch_in, batch_mask, train=False)
+    cap = _captured_forward(model, batch_in, batch_mask, layer)
     d = attn.head_dim
     t = cap["q"].shape[1]
     split = lambda a: np.asarray(a[:1], np.float32).reshape(1, t, attn.num_heads, d)  # noqa

@@ -118,6 +118,13 @@ def plot_cost(result: dict, path: str) -> str:
     return path
 
 
+def accuracy_bars(report: dict) -> list[tuple[str, str, float | None, object]]:
+    """(variant, task, test accuracy % or None, published) per bar, in drawing order."""
+    acc = report["accuracy"]
+    return [(v, t, acc["cells"][v][t].get("accuracy"), acc["cells"][v][t].get("published"))
+            for v in acc["variants"] for t in acc["tasks"]]
+
+
 def plot_accuracy(report: dict, path: str) -> str:
     import numpy as np
 
@@ -125,23 +132,21 @@ def plot_accuracy(report: dict, path: str) -> str:
     plt = _plt()
     acc = report["accuracy"]
     tasks, variants = acc["tasks"], acc["variants"]
+    bars = accuracy_bars(report)
     fig, ax = plt.subplots(figsize=(max(7, 1.2 + 0.45 * len(variants) * len(tasks)), 5.2))
     width = 0.8 / max(len(variants), 1)
-    x = np.arange(len(tasks))
     shown = False
     for i, v in enumerate(variants):
-        st = _style(i)
-        ys = [acc["cells"][v][t].get("accuracy") for t in tasks]
-        xs = x - 0.4 + width * (i + 0.5)
-        ax.bar(xs, [y if y is not None else 0 for y in ys], width,
-               color="black" if v == "dense" else st["color"], label=v)
-        pubs = [acc["cells"][v][t].get("published") for t in tasks]
-        pts = [(xx, p) for xx, p in zip(xs, pubs) if isinstance(p, (int, float))]
+        mine = [b for b in bars if b[0] == v]
+        xs = [tasks.index(t) - 0.4 + width * (i + 0.5) for _, t, _, _ in mine]
+        ax.bar(xs, [a if a is not None else 0 for _, _, a, _ in mine], width,
+               color="black" if v == "dense" else _style(i)["color"], label=v)
+        pts = [(x, p) for x, (_, _, _, p) in zip(xs, mine) if isinstance(p, (int, float))]
         if pts:
             ax.scatter(*zip(*pts), marker="_", s=120, color="red", zorder=3,
                        label=None if shown else "LRA paper")
             shown = True
-    ax.set_xticks(x)
+    ax.set_xticks(np.arange(len(tasks)))
     ax.set_xticklabels([lra_published.TASK_COLUMNS.get(t, t) for t in tasks])
     ax.set_ylabel("test accuracy %")
     ax.set_title(f"Accuracy per task (runs under {report.get('root', '?')}); red: LRA paper",

@@ -1,0 +1,86 @@
+"""tools.bench_speed and tools.cost_table on tiny shapes: memory and FLOPs grow as the variant's
+complexity says, ratios are against dense of the same run, tables carry the environment."""
+
+import csv
+import os
+
+import jax
+import pytest
+
+import attention
+from tools import bench_speed, cost_table
+
+TINY = {"num_layers": 1, "num_heads": 2, "emb_dim": 16, "qkv_dim": 16, "mlp_dim": 32}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compile():
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+def test_fit_exponent_recovers_a_power_law():
+    n = [1024, 2048, 4096, 8192]
+    assert cost_table.fit_exponent(n, [3 * x ** 1.5 for x in n]) == pytest.approx(1.5)
+    assert cost_table.fit_exponent(n, [None, 0, 5.0, None]) is None  # one usable point
+    assert bench_speed.near_square(2048) == (32, 64)
+    assert bench_speed.near_square(1024) == (32, 32)
+
+
+def test_cost_table_exponents_follow_the_complexity(tmp_path):
+    names = ["dense"] + [n for n in ("local",) if n in attention.VARIANTS]
+    lengths = [128, 256, 512]
+    rows = cost_table.run(names, lengths, heads=2, head_dim=8, task="listops",
+                          echo=lambda *_: None)
+    by = {r["variant"]: r for r in rows}
+    assert by["dense"]["forward_flops_exponent"] == pytest.approx(2.0, abs=0.05)
+    assert by["dense"]["forward_temp_bytes_exponent"] == pytest.approx(2.0, abs=0.1)
+    if "local" in by:
+        assert by["local"]["forward_flops_exponent"] == pytest.approx(1.0, abs=0.1)
+    result = {"environment": {"jax": jax.__version__, "cpu": "test"}, "rows": rows,
+              "settings": {"lengths": lengths, "batch": 1, "heads": 2, "head_dim": 8,
+                           "task": "listops", "grad": False}}
+    cost_table.write_tables(result, str(tmp_path), "cost")
+    md = open(tmp_path / "cost.md").read()
+    assert f"jax {jax.__version__}" in md and "| dense | O(n^2) |" in md
+    with open(tmp_path / "cost.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(names) * len(lengths)
+    d128 = next(r for r in csv_rows if r["variant"] == "dense" and r["length"] == "128")
+    assert float(d128["forward_flops"]) == by["dense"]["cells"][128]["forward"]["flops"]
+
+
+def test_speed_cells_ratios_memory_cap_and_table(tmp_path):
+    other = "local" if "local" in attention.VARIANTS else "dense"
+    kw = dict(batch=2, model="small", model_overrides=TINY, repeats=1, target_seconds=0.05)
+    d64 = bench_speed.measure_cell("dense", 64, **kw)
+    # Over the memory cap: compiled and sized, not run.
+    d128 = bench_speed.measure_cell("dense", 128, max_memory_gb=1e-6, **kw)
+    o64 = bench_speed.measure_cell(other, 64, **kw)
+    assert d64["steps_per_sec"] > 0 and d64["steps_timed"] >= 1
+    assert "steps_per_sec" not in d128 and "max-memory-gb" in d128["skipped"]
+    assert d64["num_params"] == d128["num_params"]  # dense has no length-sized params
+    # The [B, H, T, T] scores of dense: temporaries grow faster than the length.
+    assert d128["temp_bytes"] > 2.5 * d64["temp_bytes"]
+    assert d64["model"]["emb_dim"] == 16
+    cells = [d64, d128, o64]
+    variants = list(dict.fromkeys(["dense", other]))
+    tab = bench_speed.table(cells, [64, 128], variants)
+    rows = {r["variant"]: r for r in tab["rows"]}
+    assert rows["dense"]["speed"][64]["vs_dense"] == pytest.approx(1.0)
+    want = o64["steps_per_sec"] / d64["steps_per_sec"]
+    assert rows[other]["speed"][64]["vs_dense"] == pytest.approx(want)
+    assert rows["dense"]["speed"][128]["steps_per_sec"] is None
+    assert rows["dense"]["memory"][128]["gb"] == pytest.approx(d128["compiled_bytes"] / 2**30)
+    result = {"environment": {"jax": jax.__version__, "note": "shared machine"},
+              "device_memory": False, "cells": cells, "table": tab,
+              "settings": {"batch": 2, "model_desc": "tiny", "repeats": 1,
+                           "config_source": "test"}}
+    bench_speed.write_tables(result, str(tmp_path), "speed")
+    md = open(os.path.join(tmp_path, "speed.md")).read()
+    assert "Note: shared machine" in md and "| Steps/s 64 | Steps/s 128 |" in md
+    dense_row = next(line for line in md.splitlines() if line.startswith("| dense |"))
+    assert dense_row.split("|")[3].strip() == "skip"  # 128: over the cap
+    if other != "dense":
+        assert f"({want:.2f}x)" in md
