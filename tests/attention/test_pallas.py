@@ -22,7 +22,7 @@ from attention import patterns
 from attention.pallas import block_mask as bm
 from attention.pallas import block_sparse
 
-warnings.filterwarnings("ignore", message=".*interpret mode.*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*interpret mode:UserWarning")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,6 +32,7 @@ def _fast_compiles():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+
 
 FIXED = ("dense", "local", "strided", "sparse", "sparse_fixed", "longformer", "bigbird")
 KERNEL_ONLY = {"block_q", "block_k", "block_t", "interpret"}
