@@ -71,6 +71,42 @@ def attention_call(name: str, length: int, *, batch: int = 1, heads: int = 4,
     return f, (q, q, q, mask, params, buffers), hp
 
 
+def _subjaxprs(params):
+    for key, value in params.items():
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            jaxpr = getattr(item, "jaxpr", item)
+            if hasattr(jaxpr, "eqns"):
+                yield key, jaxpr
+
+
+def jaxpr_matmul_flops(jaxpr) -> tuple[float, bool]:
+    """(2 * multiply-adds of every dot_general, with scan bodies counted `length` times;
+    True if a while loop of unknown trip count was counted once, i.e. a lower bound)."""
+    total, bounded = 0.0, False
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            contract = math.prod(lhs[d] for d in lhs_contract)
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * contract
+            continue
+        subs = list(_subjaxprs(eqn.params))
+        if name == "cond":
+            counts = [jaxpr_matmul_flops(j) for k, j in subs if k == "branches"]
+            total += max((c for c, _ in counts), default=0.0)
+            bounded |= any(b for _, b in counts)
+            continue
+        mult = eqn.params.get("length", 1) if name == "scan" else 1
+        bounded |= name == "while"
+        for _, sub in subs:
+            c, b = jaxpr_matmul_flops(sub)
+            total += mult * c
+            bounded |= b
+    return total, bounded
+
+
 def compiled_cost(f, args, *, grad: bool = False) -> dict:
     """FLOPs and temp bytes of jit(f) (or of its forward+backward when grad) at args."""
     import jax
@@ -91,8 +127,13 @@ def compiled_cost(f, args, *, grad: bool = False) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
+    matmul, bounded = jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+    hlo = compiled.as_text() or ""
     return {"flops": float(cost.get("flops", float("nan"))) if cost else None,
             "temp_bytes": int(mem.temp_size_in_bytes) if mem is not None else None,
+            "matmul_flops": matmul, "matmul_lower_bound": bounded,
+            # XLA's cost analysis counts a while-loop body once, whatever its trip count.
+            "has_loop": " while(" in hlo or "= while" in hlo or " while " in hlo,
             "compile_seconds": round(seconds, 2)}
 
 
@@ -133,11 +174,13 @@ def run(variants, lengths, *, batch=1, heads=4, head_dim=64, task="text", grad=F
                 cell["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             row["cells"][n] = cell
             echo(f"{name} n={n}: " + (cell.get("error") or
-                                      f"{cell['forward']['flops']:.3g} flops, "
-                                      f"{cell['forward']['temp_bytes'] / 2**20:.1f} MiB temp"))
+                                      f"{cell['forward']['flops']:.3g} flops (XLA), "
+                                      f"{cell['forward']['matmul_flops']:.3g} matmul flops, "
+                                      f"{cell['forward']['temp_bytes'] / 2**20:.1f} MiB temp"
+                                      + (", loop" if cell["forward"]["has_loop"] else "")))
             jax.clear_caches()
         for part in ("forward", "train"):
-            for key in ("flops", "temp_bytes"):
+            for key in ("flops", "matmul_flops", "temp_bytes"):
                 vals = [row["cells"][n].get(part, {}).get(key) for n in lengths]
                 row[f"{part}_{key}_exponent"] = fit_exponent(lengths, vals)
         rows.append(row)
@@ -168,12 +211,19 @@ def write_tables(result: dict, out: str, name: str) -> None:
     lines += [f"The attention function alone on q, k, v [batch {s['batch']}, n, heads "
               f"{s['heads']}, head_dim {s['head_dim']}] float32 with a kv_mask, hyperparameters "
               f"of the `{s['task']}` task; XLA cost_analysis FLOPs and memory_analysis temporary "
-              f"bytes of the compiled function (nothing executed). Exponent: least-squares slope "
-              f"of log cost on log n; claimed: the registered complexity class.", ""]
+              f"bytes of the compiled function (nothing executed), and the matmul FLOPs counted "
+              f"from the jaxpr (every dot_general, scan bodies times their length). Exponent: "
+              f"least-squares slope of log cost on log n; claimed: the registered complexity "
+              f"class. `*`: the compiled program has a while loop, and XLA's cost analysis counts "
+              f"a loop body once whatever its trip count, so its FLOPs are a lower bound there "
+              f"(read the matmul table). `+`: a loop of data-dependent trip count was counted "
+              f"once in the matmul count too.", ""]
     parts = ["forward"] + (["train"] if s["grad"] else [])
     for part in parts:
         title = "Forward" if part == "forward" else "Forward + backward"
-        for key, fmt, label in (("flops", _si, "FLOPs"), ("temp_bytes", _mib, "temp MiB")):
+        for key, fmt, label in (("flops", _si, "FLOPs (XLA cost analysis)"),
+                                ("matmul_flops", _si, "matmul FLOPs (jaxpr, loops x trip count)"),
+                                ("temp_bytes", _mib, "temp MiB")):
             lines += [f"## {title}: {label}", ""]
             header = (["Variant", "Complexity"] + [_klabel(n) for n in lengths]
                       + ["Exponent", "Claimed"])
@@ -183,7 +233,13 @@ def write_tables(result: dict, out: str, name: str) -> None:
                 vals = [fmt(c.get(part, {}).get(key)) if "error" not in c else "fail"
                         for c in cells]
                 e = r.get(f"{part}_{key}_exponent")
-                rows.append([r["variant"], r["complexity"]] + vals
+                flag = ""
+                if key == "flops" and any(c.get(part, {}).get("has_loop") for c in cells):
+                    flag = " *"
+                if key == "matmul_flops" and any(c.get(part, {}).get("matmul_lower_bound")
+                                                 for c in cells):
+                    flag = " +"
+                rows.append([r["variant"] + flag, r["complexity"]] + vals
                             + ["-" if e is None else f"{e:.2f}", f"{r['claimed_exponent']:g}"])
             lines += markdown_table(header, rows, ["l", "l"] + ["r"] * (len(header) - 2)) + [""]
     errors = [f"- {r['variant']} at {n}: {r['cells'][n]['error']}" for r in result["rows"]
@@ -197,18 +253,20 @@ def write_tables(result: dict, out: str, name: str) -> None:
     if errors:
         lines += ["Failures:", ""] + errors
     write_text(os.path.join(out, f"{name}.md"), lines)
-    header = ["variant", "complexity", "length", "forward_flops", "forward_temp_bytes"]
+    header = ["variant", "complexity", "length", "forward_flops", "forward_matmul_flops",
+              "forward_temp_bytes", "forward_has_loop"]
     if s["grad"]:
-        header += ["train_flops", "train_temp_bytes"]
+        header += ["train_flops", "train_matmul_flops", "train_temp_bytes", "train_has_loop"]
     header += ["error"]
     rows = []
     for r in result["rows"]:
         for n in lengths:
             c = r["cells"][n]
-            row = [r["variant"], r["complexity"], n, c.get("forward", {}).get("flops"),
-                   c.get("forward", {}).get("temp_bytes")]
-            if s["grad"]:
-                row += [c.get("train", {}).get("flops"), c.get("train", {}).get("temp_bytes")]
+            row = [r["variant"], r["complexity"], n]
+            for part in ["forward"] + (["train"] if s["grad"] else []):
+                d = c.get(part, {})
+                row += [d.get("flops"), d.get("matmul_flops"), d.get("temp_bytes"),
+                        d.get("has_loop")]
             rows.append(row + [c.get("error")])
     write_csv(os.path.join(out, f"{name}.csv"), header, rows)
     with open(os.path.join(out, f"{name}.json"), "w") as f:

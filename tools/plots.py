@@ -94,7 +94,7 @@ def plot_cost(result: dict, path: str) -> str:
         st = _style(i)
         st["linewidth"] = 2.5 if row["variant"] == "dense" else 1.2
         st["color"] = "black" if row["variant"] == "dense" else st["color"]
-        for ax, key in zip(axes, ("flops", "temp_bytes")):
+        for ax, key in zip(axes, ("matmul_flops", "temp_bytes")):
             pts = [(n, row["cells"][str(n) if str(n) in row["cells"] else n]
                     .get("forward", {}).get(key)) for n in lengths]
             pts = [(n, y) for n, y in pts if y]
@@ -102,7 +102,8 @@ def plot_cost(result: dict, path: str) -> str:
                 e = row.get(f"forward_{key}_exponent")
                 ax.plot(*zip(*pts), label=f"{row['variant']} (n^{e:.2f})" if e else row["variant"],
                         **st)
-    axes[0].set_title("Attention op: compiled FLOPs (forward)", fontsize=9)
+    axes[0].set_title("Attention op: matmul FLOPs (forward; from the jaxpr, loops x trip count)",
+                      fontsize=9)
     axes[1].set_title("Attention op: compiled temporary bytes (forward)", fontsize=9)
     for ax in axes:
         ax.set_xscale("log", base=2)

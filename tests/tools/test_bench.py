@@ -29,15 +29,21 @@ def test_fit_exponent_recovers_a_power_law():
 
 
 def test_cost_table_exponents_follow_the_complexity(tmp_path):
-    names = ["dense"] + [n for n in ("local",) if n in attention.VARIANTS]
+    names = ["dense"] + [n for n in ("local", "blockwise") if n in attention.VARIANTS]
     lengths = [128, 256, 512]
     rows = cost_table.run(names, lengths, heads=2, head_dim=8, task="listops",
                           echo=lambda *_: None)
     by = {r["variant"]: r for r in rows}
     assert by["dense"]["forward_flops_exponent"] == pytest.approx(2.0, abs=0.05)
     assert by["dense"]["forward_temp_bytes_exponent"] == pytest.approx(2.0, abs=0.1)
+    for n in lengths:  # q k^T and weights @ v: 2 * (B H n n D) multiply-adds each
+        assert by["dense"]["cells"][n]["forward"]["matmul_flops"] == 2 * 2 * 2 * n * n * 8
     if "local" in by:
         assert by["local"]["forward_flops_exponent"] == pytest.approx(1.0, abs=0.1)
+    if "blockwise" in by:  # quadratic work in a loop: XLA counts the body once, we do not
+        fwd = by["blockwise"]["cells"][512]["forward"]
+        assert fwd["has_loop"] and fwd["flops"] < 0.5 * fwd["matmul_flops"]
+        assert by["blockwise"]["forward_matmul_flops_exponent"] == pytest.approx(2.0, abs=0.1)
     result = {"environment": {"jax": jax.__version__, "cpu": "test"}, "rows": rows,
               "settings": {"lengths": lengths, "batch": 1, "heads": 2, "head_dim": 8,
                            "task": "listops", "grad": False}}
