@@ -288,31 +288,46 @@ def build_pathx(cfg) -> Task:
 
 
 # ----------------------------------------------------------------------------- command line
-def write_release(out_dir: str, resolution: int, difficulty: str, num: int, seed: int,
-                  per_batch: int = 1000, chunk: int = 256) -> str:
-    """Writes generated images 0..num-1 in the release layout; returns the folder."""
+def _write_batch(args) -> None:
+    """Writes imgs/<batch>/ and metadata/<batch>.npy of one batch folder."""
     from PIL import Image
 
+    base, resolution, difficulty, seed, batch, lo, hi, chunk = args
     st = gen.settings(resolution, difficulty)
+    sub = f"imgs/{batch}"
+    os.makedirs(os.path.join(base, sub), exist_ok=True)
+    rows = []
+    for start in range(lo, hi, chunk):
+        idx = np.arange(start, min(start + chunk, hi))
+        images, labels = gen.generate(st, seed, idx)
+        margins = gen.margins_for(st, seed, idx)
+        for i, img, label, margin in zip(idx, images, labels, margins):
+            k = int(i - lo)
+            Image.fromarray(img).save(os.path.join(base, sub, f"sample_{k}.png"))
+            rows.append(f"{sub} sample_{k}.png {k} {int(label)} {st.continuity} "
+                        f"{st.contour_length} {st.distractor_length} {st.paddle_length} "
+                        f"{st.paddle_thickness} {int(margin)} 1")
+    with open(os.path.join(base, "metadata", f"{batch}.npy"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+def write_release(out_dir: str, resolution: int, difficulty: str, num: int, seed: int,
+                  per_batch: int = 1000, chunk: int = 256, processes: int = 1) -> str:
+    """Writes generated images 0..num-1 in the release layout; returns the folder.
+    processes > 1 writes batch folders in parallel (the images do not depend on it)."""
+    gen.settings(resolution, difficulty)            # validates
     base = os.path.join(out_dir, f"pathfinder{resolution}", DIFFICULTY_DIRS[difficulty])
     os.makedirs(os.path.join(base, "metadata"), exist_ok=True)
-    margins = gen.margins_for(st, seed, np.arange(num))
-    for batch in range(-(-num // per_batch)):
-        lo, hi = batch * per_batch, min((batch + 1) * per_batch, num)
-        sub = f"imgs/{batch}"
-        os.makedirs(os.path.join(base, sub), exist_ok=True)
-        rows = []
-        for start in range(lo, hi, chunk):
-            idx = np.arange(start, min(start + chunk, hi))
-            images, labels = gen.generate(st, seed, idx)
-            for i, img, label in zip(idx, images, labels):
-                k = int(i - lo)
-                Image.fromarray(img).save(os.path.join(base, sub, f"sample_{k}.png"))
-                rows.append(f"{sub} sample_{k}.png {k} {int(label)} {st.continuity} "
-                            f"{st.contour_length} {st.distractor_length} {st.paddle_length} "
-                            f"{st.paddle_thickness} {int(margins[i])} 1")
-        with open(os.path.join(base, "metadata", f"{batch}.npy"), "w") as f:
-            f.write("\n".join(rows) + "\n")
+    jobs = [(base, resolution, difficulty, seed, b, b * per_batch,
+             min((b + 1) * per_batch, num), chunk) for b in range(-(-num // per_batch))]
+    if processes > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            pool.map(_write_batch, jobs)
+    else:
+        for job in jobs:
+            _write_batch(job)
     return base
 
 
@@ -374,10 +389,12 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=200000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per_batch", type=int, default=1000, help="images per imgs/<batch> folder")
+    p.add_argument("--processes", type=int, default=1, help="batch folders written in parallel")
     a = p.parse_args(argv)
-    if a.num < 1:
-        p.error("--num must be >= 1")
-    base = write_release(a.out_dir, a.resolution, a.difficulty, a.num, a.seed, a.per_batch)
+    if a.num < 1 or a.per_batch < 1 or a.processes < 1:
+        p.error("--num, --per_batch and --processes must be >= 1")
+    base = write_release(a.out_dir, a.resolution, a.difficulty, a.num, a.seed, a.per_batch,
+                         processes=a.processes)
     print(f"wrote {a.num} images to {base}")
 
 
