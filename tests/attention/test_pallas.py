@@ -232,12 +232,11 @@ def test_skipped_tiles_are_never_read():
 # ------------------------------------------------------------------------ linear attention
 
 
-# Kernel paths: plain causal (linear), plain non-causal (relu), log key features against
-# rescaled chunk states (favor+, causal) and against one max (exp, non-causal; its projection
+# Kernel paths: plain causal (linear), log key features against rescaled chunk states (favor+,
+# causal) and against one max (exp, non-causal: the plain non-causal kernels; its projection
 # is a param and gets a gradient).
 LINEAR_CASES = [
     ("linear", {}, True, 58),
-    ("performer", {"num_features": 40, "feature_map": "relu"}, False, 37),
     ("performer", {"num_features": 24, "feature_map": "favor+"}, True, 61),
     ("performer", {"num_features": 24, "feature_map": "exp"}, False, 50),
 ]
@@ -260,6 +259,16 @@ def test_linear_matches_xla(name, hp, causal, length):
         (gw,), (gwx,) = grads[3].values(), grads_x[3].values()
         assert float(jnp.abs(gwx).max()) > 0
         _close(gw, gwx, 1e-4, 1e-4, "d projection")
+
+
+def test_performer_relu_features_forward():
+    hp, length = {"num_features": 40, "feature_map": "relu"}, 37
+    q, k, v, _, kv_mask = _inputs(3, 2, length, 2, 16, kv_lens=(length, 20))
+    state = _state("performer", hp, length, 2, 16)
+    run = jax.jit(lambda q, k, v, st, impl: attention.get("performer")(
+        q, k, v, impl=impl, kv_mask=kv_mask, **hp, **st,
+        **({"block_t": 16} if impl == "pallas" else {})), static_argnums=4)
+    _close(run(q, k, v, state, "pallas"), run(q, k, v, state, "xla"), 2e-5, 1e-4, "relu out")
 
 
 # -------------------------------------------------------------------- registry and lowering
