@@ -94,7 +94,7 @@ def block_states(rule: Rule, q_len: int, kv_len: int, block_q: int, block_k: int
     """(listed, full): numpy bool [num_q_blocks, num_k_blocks] for `rule` on this shape.
 
     Evaluates the exact predicate on every pair, a few query blocks at a time (numpy, once per
-    shape: about a second at 16K); key positions >= kv_len are never kept.
+    shape: a few seconds at 16K on a CPU); key positions >= kv_len are never kept.
     """
     nq, nk = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
     j = np.arange(nk * block_k, dtype=np.int32)[None, :]
