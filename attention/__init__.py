@@ -82,7 +82,7 @@ COMPLEXITIES = {
 VARIANTS: dict[str, Variant] = {}
 # name -> Pallas implementation with the same signature as the variant's fn (attention/pallas/).
 PALLAS: dict[str, Callable[..., Any]] = {}
-IMPLS = ("xla", "pallas")
+IMPLS = ("xla", "pallas", "auto")  # auto: pallas on a GPU where a kernel exists, else xla
 
 
 def register(
@@ -134,8 +134,12 @@ def register_pallas(name: str):
 
 
 def implementation(name: str, impl: str = "xla") -> Callable[..., Any]:
-    """The function computing variant `name` with `impl` ("xla" | "pallas")."""
+    """The function computing variant `name` with `impl` ("xla" | "pallas" | "auto")."""
     variant = get(name)
+    if impl == "auto":
+        import jax
+
+        impl = "pallas" if jax.default_backend() == "gpu" and name in PALLAS else "xla"
     if impl == "xla":
         return variant.fn
     if impl == "pallas":

@@ -90,7 +90,7 @@ def attention_config(variant: str, task: str) -> ml_collections.ConfigDict:
     hp = attention.hparams_for(variant, variant_table.for_task(variant, task))
     c = ml_collections.ConfigDict()
     c.name = variant
-    c.impl = "xla"                   # "xla" | "pallas"
+    c.impl = "auto"                  # "xla" | "pallas" | "auto" (pallas on a GPU where a kernel exists)
     for key, value in hp.items():
         c[key] = value
     return c

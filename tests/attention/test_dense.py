@@ -89,3 +89,10 @@ def test_shape_errors(qkv):
         attention.get("dense")(q[0], k, v)
     with pytest.raises(ValueError, match="kv_mask must be"):
         attention.get("dense")(q, k, v, kv_mask=jnp.ones((2, 4), bool))
+
+
+def test_auto_impl_is_xla_on_cpu():
+    import jax
+    assert jax.default_backend() == "cpu"
+    assert attention.implementation("dense", "auto") is attention.get("dense").fn
+    assert attention.implementation("local", "auto") is attention.get("local").fn
