@@ -124,4 +124,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from tools.sweep import exit_on_sigterm
+    exit_on_sigterm()
     sys.exit(main())

@@ -171,6 +171,12 @@ def build(root: str, out: str, name: str = "accuracy", published: bool = True,
               "the run failed (error below). Avg: mean over ListOps, Text, Retrieval, Image, "
               "Path where finished ([k/5] when fewer). Runs trained with the settings listed "
               "per run below are not comparable to the paper's unless those match.", ""]
+    sweep_info = _load(os.path.join(root, "sweep.json"))
+    if sweep_info:
+        lines = lines[:-1] + [
+            f"Sweep settings (last invocation, {sweep_info.get('date', '?')}): config option "
+            f"`{sweep_info.get('arg') or '(none)'}`, overrides "
+            f"`{' '.join(sweep_info.get('sets') or []) or '(none)'}`.", ""] + lines[-1:]
     lines += markdown_table(header, rows)
     if published:
         matched = {v: acc["avg"][v].get("lra_model") for v in acc["variants"]}

@@ -188,6 +188,20 @@ def sweep(tasks: list[str], variants: list[str], root: str, sets=(), arg: str = 
     return summary
 
 
+def exit_on_sigterm():
+    """SIGTERM ends the sweep like Ctrl-C: the running train.py is killed with it (subprocess.run
+    kills its child when interrupted), and the run resumes on the next invocation."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread)
+        pass
+
+
 def main(argv=None) -> int:
     import attention
 
@@ -213,4 +227,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())
