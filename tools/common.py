@@ -136,11 +136,17 @@ def write_text(path: str, lines: list[str]) -> None:
 
 
 def registered_tasks() -> list[str]:
-    """Task names that have a config file configs/<task>.py (what exists now)."""
+    """Task names that have a config file configs/<task>.py defining get_config (what exists
+    now; helper modules such as configs/common.py are not tasks)."""
     cdir = os.path.join(REPO_ROOT, "configs")
-    skip = {"__init__", "common", "variants"}
-    return sorted(f[:-3] for f in os.listdir(cdir)
-                  if f.endswith(".py") and not f.startswith("_") and f[:-3] not in skip)
+    tasks = []
+    for f in sorted(os.listdir(cdir)):
+        if not f.endswith(".py") or f.startswith("_") or f[:-3] in ("common", "variants"):
+            continue
+        with open(os.path.join(cdir, f)) as fh:
+            if "\ndef get_config(" in fh.read():
+                tasks.append(f[:-3])
+    return tasks
 
 
 # LRA Table 1 column order; tasks not in it come after, alphabetically.
