@@ -25,6 +25,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attention._util import NEG_INF
 
@@ -137,14 +138,18 @@ def partial_attention(q, groups: Sequence[tuple], *, dropout_rate: float = 0.0,
     for s in logits[1:]:
         m = jnp.maximum(m, s.max(axis=-1))
     m = jax.lax.stop_gradient(m)  # [B, H, G, Q]
-    keys = dropout_keys(dropout_rate, dropout_rng, len(groups))
+    keep = None
+    if dropout_rate > 0.0 and dropout_rng is not None:  # one draw for all groups' weights
+        sizes = [s.shape[-1] for s in logits]
+        shape = jnp.broadcast_shapes(*(s.shape[:-1] for s in logits)) + (sum(sizes),)
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, shape)
+        keep = jnp.split(keep, list(np.cumsum(sizes)[:-1]), axis=-1)
     o = l = 0.0
-    for s, (_, v, mask), key in zip(logits, groups, keys):
+    for n, (s, (_, v, mask)) in enumerate(zip(logits, groups)):
         p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)  # [B, H, G, Q, K]
         l = l + p.sum(axis=-1)
-        if key is not None:
-            keep = jax.random.bernoulli(key, 1.0 - dropout_rate, p.shape)
-            p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
+        if keep is not None:
+            p = jnp.where(keep[n], p / (1.0 - dropout_rate), 0.0)
         o = o + _values(p, v)
     return Partial(o, m, l)
 

@@ -2,17 +2,24 @@
 
 For each name in attention.VARIANTS, with its hyperparameters from tests/attention/cases.py and
 its params/buffers from init_state (called as the model layer calls it):
-  - it has a CASES entry;
-  - padding invariance: outputs at real positions do not change when the keys/values at padded
-    positions change, nor when the number of pads changes;
-  - causality (perturbing position t changes nothing before t), or ValueError for causal=True
-    where the registry says the variant cannot be causal;
-  - a query with no visible key gets zeros, never NaN; gradients are finite (also there);
-  - jit- and vmap-safe (vmap over an extra leading axis equals the plain batch);
-  - bfloat16 runs and stays close to float32;
-  - dropout (where supported) is deterministic given the key and is really applied.
+  padding      outputs at real positions do not change when the keys/values at padded
+               positions change; padded keys/values get no gradient;
+  pad count    ... nor when the number of pads changes (a longer padded sequence);
+  no key       a query with no visible key gets zeros, never NaN; gradients are finite;
+  causal       perturbing the inputs at positions >= t changes nothing before t (and does
+               change position t); or ValueError for causal=True where the registry says the
+               variant cannot be causal;
+  vmap         vmap over an extra leading axis equals the plain batch (everything is jitted);
+  bfloat16     runs in bfloat16 and stays close to float32;
+  dropout      (where supported) is really applied, independently per batch row.
 Where a property does not apply to a variant, the tables below say so and why.
+
+To keep compile time small, each variant compiles two programs (forward+backward on a batch
+whose rows carry the padding cases; every other forward in one program) and the properties
+are checked on their outputs; all failing properties are reported together.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +32,9 @@ from tests.attention.cases import CASES
 NAMES = attention.names()
 B, H, D = 4, 2, 8
 N = 24             # length for variants without a grid
-EXTRA_PADS = 8     # the "more pads" call is N + EXTRA_PADS long
-PADS = 5           # row 1 and 2: the last PADS positions are padding
+EXTRA_PADS = 8     # the pad-count call is N + EXTRA_PADS long
+PADS = 5           # rows 1, 2: the last PADS positions are padding
+TOL = 2e-5
 
 # Variants whose pattern depends on the padded length itself, so adding pads legitimately
 # changes outputs at real positions. {name: reason}
@@ -36,7 +44,7 @@ PAD_COUNT_DEPENDENT = {
 }
 
 # Variants whose length is fixed by a hyperparameter (a grid): the number of pads cannot change
-# without changing the grid. {name: reason}
+# without changing the grid; for them the property checked is that other lengths are refused.
 FIXED_LENGTH = {name: "length = num_prefix + rows * cols is fixed by `shape`"
                 for name in NAMES if "shape" in attention.get(name).defaults}
 
@@ -48,49 +56,96 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", False)
 
 
-def length_of(hp) -> int:
-    if "shape" in hp:
-        return hp.get("num_prefix", 0) + hp["shape"][0] * hp["shape"][1]
-    return N
-
-
 def setup(name):
-    """(hyperparameters, length, state arrays) as the model layer would build them."""
+    """(hyperparameters, length, state arrays) as the model layer builds them."""
     hp = attention.hparams_for(name, CASES[name])
-    n = length_of(hp)
-    max_len = n if "shape" in hp else n + EXTRA_PADS
+    n = hp.get("num_prefix", 0) + hp["shape"][0] * hp["shape"][1] if "shape" in hp else N
+    max_len = n if name in FIXED_LENGTH else n + EXTRA_PADS
     state = attention.get(name).init_state(jax.random.key(7), q_len=max_len, kv_len=max_len,
                                            num_heads=H, head_dim=D, **hp)
     return hp, n, {**state["params"], **state["buffers"]}
 
 
-def caller(name, hp, arrays, causal=False):
-    """fn(q, k, v, mask, **extra) with the variant's hyperparameters and state arrays."""
+def caller(name, hp, arrays):
     fn = attention.get(name).fn
 
-    def call(q, k, v, mask, **extra):
+    def call(q, k, v, mask, causal=False, **extra):
         return fn(q, k, v, kv_mask=mask, causal=causal, **hp, **arrays, **extra)
     return call
 
 
-def inputs(n, seed=0, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    q, k, v = (jax.random.normal(kk, (B, n, H, D), dtype) for kk in ks[:3])
-    return q, k, v, ks[3]
-
-
-def padded_batch(n, seed=0):
-    """Rows: 0 all real; 1 the last PADS padded; 2 = row 1 with other k/v at the pads;
-    3 no real position at all."""
-    q, k, v, key = inputs(n, seed)
+def make_inputs(n):
+    """q, k, v [B, n + EXTRA_PADS, H, D] and the masks of the cases (numpy)."""
+    ks = jax.random.split(jax.random.key(0), 8)
+    q, k, v = (jax.random.normal(kk, (B, n + EXTRA_PADS, H, D)) for kk in ks[:3])
     real = np.arange(n) < n - PADS
+    # Rows: 0 all real; 1 the last PADS padded; 2 = row 1 with other k/v at the pads;
+    # 3 no real position at all.
     mask = np.stack([np.ones(n, bool), real, real, np.zeros(n, bool)])
     q, k, v = (x.at[2].set(x[1]) for x in (q, k, v))
-    noise = 10.0 * jax.random.normal(key, (2, n, H, D))
-    pad = jnp.asarray(~real)[:, None, None]
-    k = k.at[2].set(jnp.where(pad, noise[0], k[1]))
-    v = v.at[2].set(jnp.where(pad, noise[1], v[1]))
-    return q, k, v, jnp.asarray(mask), real
+    pad = jnp.asarray(np.concatenate([~real, np.ones(EXTRA_PADS, bool)]))[:, None, None]
+    k = k.at[2].set(jnp.where(pad, 10.0 * jax.random.normal(ks[3], k.shape[1:]), k[1]))
+    v = v.at[2].set(jnp.where(pad, 10.0 * jax.random.normal(ks[4], v.shape[1:]), v[1]))
+    # Causal rows: 0 base, 1 = row 0 with every input at positions >= n // 2 changed,
+    # 2 = row 0, 3 = row 0 with key 0 masked (query 0 then sees nothing).
+    later = jnp.asarray(np.arange(n) >= n // 2)[:, None, None]
+    noise = jax.random.normal(ks[5], (3, n, H, D))
+    causal_qkv = [jnp.stack([x[0, :n], jnp.where(later, z, x[0, :n]), x[0, :n], x[0, :n]])
+                  for x, z in zip((q, k, v), noise)]
+    causal_mask = np.ones((B, n), bool)
+    causal_mask[3, 0] = False
+    ct = jax.random.normal(ks[6], (B, n, H, D))
+    return (q, k, v), mask, real, causal_qkv, causal_mask, ct
+
+
+@functools.lru_cache(maxsize=None)
+def results(name):
+    """Runs the variant's two programs once; -> dict of numpy outputs."""
+    hp, n, arrays = setup(name)
+    call = caller(name, hp, arrays)
+    (q, k, v), mask, real, causal_qkv, causal_mask, ct = make_inputs(n)
+    variant = attention.get(name)
+    short = [x[:, :n] for x in (q, k, v)]
+
+    def loss(q, k, v):
+        out = call(q, k, v, jnp.asarray(mask))
+        return jnp.sum(out * ct), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*short)
+
+    def forwards(q, k, v, short, causal_qkv):
+        res = {}
+        split = lambda x: x.reshape(2, B // 2, *x.shape[1:])  # noqa: E731
+        res["vmap"] = jax.vmap(call)(*(split(x) for x in short),
+                                     split(jnp.asarray(mask))).reshape(out.shape)
+        res["bf16"] = call(*(x.astype(jnp.bfloat16) for x in short), jnp.asarray(mask))
+        if name not in FIXED_LENGTH:
+            lengths = np.array([n, n - PADS, n - PADS, 0])[:, None]
+            long_mask = np.arange(n + EXTRA_PADS)[None] < lengths
+            res["long"] = call(q, k, v, jnp.asarray(long_mask))
+        if variant.supports_causal:
+            res["causal"] = call(*causal_qkv, jnp.asarray(causal_mask), causal=True)
+        if variant.supports_dropout:
+            res["dropout"] = call(*short, jnp.asarray(mask), dropout_rate=0.5,
+                                  dropout_rng=jax.random.key(0))
+        return res
+
+    res = jax.jit(forwards)(q, k, v, short, causal_qkv)
+    dtypes = {key: val.dtype for key, val in res.items()}
+    res = {key: np.asarray(val.astype(jnp.float32)) for key, val in res.items()}
+    res.update(out=np.asarray(out), grads=[np.asarray(g) for g in grads], n=n, real=real,
+               dtypes=dtypes)
+    return res
+
+
+def _run_checks(name, checks):
+    failed = []
+    for what, check in checks:
+        try:
+            check()
+        except AssertionError as e:
+            failed.append(f"[{what}] {str(e).strip()[:600]}")
+    assert not failed, f"{name}:\n" + "\n".join(failed)
 
 
 def test_every_variant_has_a_case():
@@ -98,109 +153,70 @@ def test_every_variant_has_a_case():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_padding_no_key_and_gradients(name):
-    hp, n, arrays = setup(name)
-    q, k, v, mask, real = padded_batch(n)
-    call = caller(name, hp, arrays)
-    ct = jax.random.normal(jax.random.key(3), q.shape)
+def test_registry_properties(name):
+    r = results(name)
+    out, real, n = r["out"], r["real"], r["n"]
+    variant = attention.get(name)
 
-    def loss(q, k, v):
-        out = call(q, k, v, mask)
-        return jnp.sum(out * ct), out
+    def padding():
+        assert out.shape == (B, n, H, D)
+        np.testing.assert_allclose(out[2, real], out[1, real], atol=TOL, rtol=TOL)
+        for g in r["grads"][1:]:  # padded keys/values get no gradient
+            np.testing.assert_allclose(g[1, ~real], 0.0, atol=1e-6)
 
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    out = np.asarray(out)
-    assert out.shape == q.shape and np.isfinite(out).all()
-    # Pad values do not reach real positions.
-    np.testing.assert_allclose(out[2, real], out[1, real], atol=2e-5, rtol=2e-5)
-    # A query with no visible key gets zeros.
-    np.testing.assert_array_equal(out[3], 0.0)
-    for g in grads:
-        assert np.isfinite(np.asarray(g)).all(), f"{name}: non-finite gradient"
-    # Padded keys/values get no gradient from any real output.
-    for g in grads[1:]:
-        np.testing.assert_allclose(np.asarray(g)[1, ~real], 0.0, atol=1e-6)
+    def no_key():
+        assert np.isfinite(out).all(), "non-finite output"
+        np.testing.assert_array_equal(out[3], 0.0)
+        for g, what in zip(r["grads"], "qkv"):
+            assert np.isfinite(g).all(), f"non-finite gradient d{what}"
 
+    def pad_count():
+        if name in FIXED_LENGTH:  # see the table: other lengths must be refused
+            hp, n_, arrays = setup(name)
+            x = jax.ShapeDtypeStruct((1, n_ + EXTRA_PADS, H, D), jnp.float32)
+            with pytest.raises(ValueError, match="shape"):
+                jax.eval_shape(lambda x: caller(name, hp, arrays)(x, x, x, None), x)
+            return
+        long = r["long"][:, :n]  # rows 0, 1, 2: the same real tokens, EXTRA_PADS more pads
+        diff = max(np.abs(long[0] - out[0]).max(),
+                   np.abs(long[1:3, real] - out[1:3, real]).max())
+        if name in PAD_COUNT_DEPENDENT:
+            assert diff > 1e-4, "listed as pad-count dependent but invariant"
+        else:
+            assert diff < TOL, f"outputs at real positions change with the number of pads " \
+                               f"(max diff {diff:.3g})"
 
-@pytest.mark.parametrize("name", NAMES)
-def test_number_of_pads_does_not_matter(name):
-    hp, n, arrays = setup(name)
-    q, k, v, _ = inputs(n + EXTRA_PADS, seed=1)
-    call = jax.jit(caller(name, hp, arrays))
-    if name in FIXED_LENGTH:  # the property is "other lengths are refused", see the table
-        with pytest.raises(ValueError, match="shape"):
-            call(q, k, v, jnp.ones((B, n + EXTRA_PADS), bool))
-        return
-    real = n - PADS
-    lengths = np.array([real, n, real, n])[:, None]
-    mask = jnp.asarray(np.arange(n + EXTRA_PADS)[None] < lengths)  # [B, n + EXTRA_PADS]
-    short = call(q[:, :n], k[:, :n], v[:, :n], mask[:, :n])
-    long = call(q, k, v, mask)
-    diff = np.abs(np.asarray(long)[:, :real] - np.asarray(short)[:, :real]).max()
-    if name in PAD_COUNT_DEPENDENT:
-        assert diff > 1e-4, f"{name} is listed as pad-count dependent but is invariant"
-    else:
-        assert diff < 2e-5, f"{name}: outputs at real positions change with the number of pads"
+    def causal():
+        if not variant.supports_causal:
+            hp, _, arrays = setup(name)
+            x = jax.ShapeDtypeStruct((1, n, H, D), jnp.float32)
+            with pytest.raises(ValueError, match=name):
+                jax.eval_shape(lambda x: caller(name, hp, arrays)(x, x, x, None, causal=True),
+                               x)
+            return
+        c, t = r["causal"], n // 2
+        assert np.isfinite(c).all(), "non-finite causal output"
+        np.testing.assert_allclose(c[1, :t], c[0, :t], atol=TOL, rtol=TOL)
+        assert np.abs(c[1, t:] - c[0, t:]).max() > 1e-3, "perturbation at >= t not seen"
+        np.testing.assert_array_equal(c[3, 0], 0.0)
 
+    def vmap():
+        np.testing.assert_allclose(r["vmap"], out, atol=TOL, rtol=TOL)
 
-@pytest.mark.parametrize("name", NAMES)
-def test_causality(name):
-    hp, n, arrays = setup(name)
-    q, k, v, key = inputs(n, seed=2)
-    mask = jnp.ones((B, n), bool)
-    if not attention.get(name).supports_causal:
-        with pytest.raises(ValueError, match=name):
-            caller(name, hp, arrays, causal=True)(q, k, v, mask)
-        return
-    t = n // 2
-    # Row 1: every input at positions >= t changed. Row 3: key 0 masked, so query 0 sees nothing.
-    later = jnp.asarray(np.arange(n) >= t)[:, None, None]
-    noise = jax.random.normal(key, (3, n, H, D))
-    q, k, v = (x.at[1].set(jnp.where(later, z, x[0])) for x, z in zip((q, k, v), noise))
-    mask = mask.at[3, 0].set(False)
-    out = np.asarray(jax.jit(caller(name, hp, arrays, causal=True))(q, k, v, mask))
-    assert np.isfinite(out).all()
-    np.testing.assert_allclose(out[1, :t], out[0, :t], atol=2e-5, rtol=2e-5)
-    assert np.abs(out[1, t:] - out[0, t:]).max() > 1e-3  # the perturbation is seen at >= t
-    np.testing.assert_array_equal(out[3, 0], 0.0)
+    def bfloat16():
+        assert r["dtypes"]["bf16"] == jnp.bfloat16, f"output dtype {r['dtypes']['bf16']}"
+        assert np.isfinite(r["bf16"]).all()
+        np.testing.assert_allclose(r["bf16"][:3], out[:3], atol=0.05)
 
+    def dropout():
+        if not variant.supports_dropout:
+            return
+        a = r["dropout"]
+        assert np.isfinite(a).all()
+        assert np.abs(a - out).max() > 1e-3, "dropout_rate=0.5 changes nothing"
+        # Rows 1 and 2 hold the same real tokens: independent dropout masks per row.
+        assert np.abs(a[1, real] - a[2, real]).max() > 1e-3, "same dropout mask in every row"
 
-@pytest.mark.parametrize("name", NAMES)
-def test_vmap_equals_batch(name):
-    hp, n, arrays = setup(name)
-    q, k, v, mask, _ = padded_batch(n, seed=3)
-    call = caller(name, hp, arrays)
-    whole = jax.jit(call)(q, k, v, mask)
-    split = lambda x: x.reshape(2, B // 2, *x.shape[1:])  # noqa: E731
-    mapped = jax.jit(jax.vmap(lambda q, k, v, m: call(q, k, v, m)))(
-        split(q), split(k), split(v), split(mask))
-    np.testing.assert_allclose(np.asarray(mapped).reshape(whole.shape), whole,
-                               atol=2e-5, rtol=2e-5)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_bfloat16_close_to_float32(name):
-    hp, n, arrays = setup(name)
-    q, k, v, mask, real = padded_batch(n, seed=4)
-    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    call = jax.jit(caller(name, hp, arrays))
-    low = call(q, k, v, mask)
-    high = call(*(x.astype(jnp.float32) for x in (q, k, v)), mask)
-    assert low.dtype == jnp.bfloat16
-    low, high = np.asarray(low, np.float32), np.asarray(high)
-    assert np.isfinite(low).all()
-    np.testing.assert_allclose(low[:2], high[:2], atol=0.05)
-
-
-@pytest.mark.parametrize("name", [n for n in NAMES if attention.get(n).supports_dropout])
-def test_dropout_is_keyed_and_applied(name):
-    hp, n, arrays = setup(name)
-    q, k, v, mask, _ = padded_batch(n, seed=5)
-    call = caller(name, hp, arrays)
-    run = jax.jit(lambda rng: call(q, k, v, mask, dropout_rate=0.5, dropout_rng=rng))
-    a, b, c = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
-    plain = jax.jit(call)(q, k, v, mask)
-    np.testing.assert_array_equal(a, b)
-    assert np.isfinite(np.asarray(a)).all()
-    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
-    assert np.abs(np.asarray(a) - np.asarray(plain)).max() > 1e-3
+    _run_checks(name, [("padding", padding), ("no visible key", no_key),
+                       ("pad count", pad_count), ("causal", causal), ("vmap", vmap),
+                       ("bfloat16", bfloat16), ("dropout", dropout)])

@@ -1,0 +1,188 @@
+"""Registry-wide compiled cost: how FLOPs and temporary memory grow with the length n.
+
+For every registered variant (its registry defaults, LRA-like; grid variants on square grids),
+forward + backward (gradient w.r.t. q, k, v) is compiled with
+`jax.jit(f).lower(...).compile()` at n and at a larger n (factor 2; factor 4 for grids, 16^2
+-> 32^2), and XLA's `cost_analysis()` FLOPs and `memory_analysis()` temp bytes (deterministic
+on CPU) must grow as the variant's registered complexity says (attention.COMPLEXITIES):
+factor**exponent within a tolerance. "O(n^2/s)" (strided, and patterns that add a linear part,
+e.g. local + strided) must grow between linear and quadratic and stay well below dense.
+Dense itself grows 4x; strided costs about dense / stride. No variant outside the O(n^2) class
+builds an n x n tensor anywhere in forward or backward (checked on the jaxpr).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import attention
+
+NAMES = attention.names()
+B, H, D = 1, 2, 32
+N1 = 512          # non-grid lengths: N1 -> 2 * N1
+SIDE = 16         # grid variants: SIDE^2 -> (2 * SIDE)^2
+
+# Where XLA's numbers do not measure the claim directly, with the reason. {name: reason}
+# - FLOPs: a rolled while loop (lax.scan) is counted once by cost_analysis whatever its trip
+#   count; for programs with a loop the FLOPs are counted from the jaxpr instead (dot_general
+#   FLOPs, scan bodies times their length). Detected automatically, see `costs`.
+# - Memory that grows slower than the FLOP class on purpose:
+MEMORY_EXPONENT = {
+    "blockwise": (1.0, "FlashAttention-style: exact O(n^2) FLOPs, but only one chunk of scores "
+                       "(n x chunk_size) is live forward and backward"),
+}
+# O(n^2)-FLOP variants that still never build an n x n tensor:
+NO_SCORE_MATRIX_ALTHOUGH_QUADRATIC = {"blockwise"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compile():
+    # Measured: cost_analysis() and memory_analysis() give the same FLOPs and temp bytes with
+    # this flag (it only skips slow compiler passes); compiles are about 2x faster.
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+def sizes(name):
+    """(n1, n2, hyperparameters at n1, at n2)."""
+    hp = attention.hparams_for(name)
+    if "shape" in hp:
+        pre = hp.get("num_prefix", 0)
+        return (pre + SIDE ** 2, pre + (2 * SIDE) ** 2,
+                {**hp, "shape": (SIDE, SIDE)}, {**hp, "shape": (2 * SIDE, 2 * SIDE)})
+    return N1, 2 * N1, hp, hp
+
+
+def train_fn(name, n, hp):
+    """(f, abstract args): f computes d/d(q, k, v) of sum(out * ct) (forward + backward)."""
+    variant = attention.get(name)
+    state = variant.init_state(jax.random.key(0), q_len=n, kv_len=n, num_heads=H, head_dim=D,
+                               **hp)
+    arrays = {**state["params"], **state["buffers"]}
+
+    def f(q, k, v, kv_mask, ct):
+        def loss(q, k, v):
+            return jnp.sum(variant.fn(q, k, v, kv_mask=kv_mask, **hp, **arrays) * ct)
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    x = jax.ShapeDtypeStruct((B, n, H, D), jnp.float32)
+    return f, (x, x, x, jax.ShapeDtypeStruct((B, n), jnp.bool_), x)
+
+
+def _subjaxprs(eqn):
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            sub = getattr(item, "jaxpr", item)
+            if hasattr(sub, "eqns"):
+                yield sub
+
+
+def matmul_flops(jaxpr) -> float:
+    """2 * multiply-adds of every dot_general; scan bodies counted `length` times."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+                lhs[d] for d in contract)
+            continue
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        total += times * sum(matmul_flops(sub) for sub in _subjaxprs(eqn))
+    return total
+
+
+def largest_array(jaxpr) -> int:
+    """Elements of the largest value anywhere in the jaxpr (scan bodies: per iteration)."""
+    best = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            best = max(best, math.prod(getattr(var.aval, "shape", ())))
+        for sub in _subjaxprs(eqn):
+            best = max(best, largest_array(sub))
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def costs(name, which):
+    """{"flops", "temp", "looped"} of the compiled forward+backward at size `which` (0 or 1)."""
+    n1, n2, hp1, hp2 = sizes(name)
+    n, hp = (n1, hp1) if which == 0 else (n2, hp2)
+    f, args = train_fn(name, n, hp)
+    compiled = jax.jit(f).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    looped = "while(" in compiled.as_text()
+    flops = matmul_flops(jax.make_jaxpr(f)(*args).jaxpr) if looped else cost["flops"]
+    return {"flops": flops, "temp": compiled.memory_analysis().temp_size_in_bytes,
+            "looped": looped, "n": n}
+
+
+def expected_range(complexity: str, factor: float, exponent: float | None = None):
+    """Allowed growth of a cost when n grows by `factor`."""
+    if complexity == "O(n^2/s)" and exponent is None:
+        # n^2 / s plus linear terms (bands, projections): between linear and quadratic.
+        return 0.8 * factor, 1.2 * factor ** 2
+    e = attention.COMPLEXITIES[complexity] if exponent is None else exponent
+    # Fixed-size parts (landmarks, features, pinv iterations) pull the ratio below factor**e;
+    # n log n and padding to blocks push it a little above.
+    return 0.7 * factor ** e, 1.25 * factor ** e
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cost_grows_as_registered(name):
+    variant = attention.get(name)
+    a, b = costs(name, 0), costs(name, 1)
+    factor = b["n"] / a["n"]
+    lo, hi = expected_range(variant.complexity, factor)
+    flops = b["flops"] / a["flops"]
+    assert lo <= flops <= hi, (
+        f"{name} ({variant.complexity}): FLOPs grow {flops:.2f}x from n={a['n']} to "
+        f"n={b['n']}; expected [{lo:.2f}, {hi:.2f}]" + (" (jaxpr count)" if a["looped"] else ""))
+    if name in MEMORY_EXPONENT:
+        lo, hi = expected_range(variant.complexity, factor, MEMORY_EXPONENT[name][0])
+    else:
+        lo = 0.7 * factor  # temp memory grows at least about linearly ...
+    temp = b["temp"] / a["temp"]
+    assert lo <= temp <= hi, (
+        f"{name} ({variant.complexity}): temp bytes grow {temp:.2f}x from n={a['n']} to "
+        f"n={b['n']}; expected [{lo:.2f}, {hi:.2f}]")
+
+
+def test_dense_is_quadratic_and_strided_is_dense_over_stride():
+    a, b = costs("dense", 0), costs("dense", 1)
+    assert 3.8 <= b["flops"] / a["flops"] <= 4.2
+    assert 3.6 <= b["temp"] / a["temp"] <= 4.2
+    stride = attention.get("strided").defaults["stride"]
+    ratio = costs("strided", 1)["flops"] / b["flops"]
+    assert 0.5 / stride <= ratio <= 2.0 / stride, f"strided / dense FLOPs = {ratio:.4f}"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if attention.get(n).complexity == "O(n^2/s)"])
+def test_reduced_quadratics_stay_well_below_dense(name):
+    """The "/ s" of O(n^2/s): at the larger n, at most half of dense's FLOPs and memory."""
+    dense = costs("dense", 1)
+    mine = costs(name, 1)
+    assert mine["flops"] <= 0.5 * dense["flops"], f"{name}: {mine['flops'] / dense['flops']:.2f}"
+    assert mine["temp"] <= 0.5 * dense["temp"], f"{name}: {mine['temp'] / dense['temp']:.2f}"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if attention.get(n).complexity != "O(n^2)"
+                                  or n in NO_SCORE_MATRIX_ALTHOUGH_QUADRATIC])
+def test_no_n_by_n_tensor(name):
+    """No dense-with-a-mask in disguise: in forward and backward, no array reaches n x n
+    elements (not even one head's scores or a shared mask); O(n^2/s) variants hold n^2/s
+    pairs by definition and must stay below half of dense's [B, H, n, n] scores."""
+    hp = attention.hparams_for(name)  # tracing only (nothing compiles): a long sequence, so
+    n = 8 * N1                         # that windows/features are small next to n
+    if "shape" in hp:
+        hp["shape"] = (4 * SIDE, 4 * SIDE)
+        n = hp.get("num_prefix", 0) + (4 * SIDE) ** 2
+    f, args = train_fn(name, n, hp)
+    biggest = largest_array(jax.make_jaxpr(f)(*args).jaxpr)
+    bound = B * H * n * n / 2 if attention.get(name).complexity == "O(n^2/s)" else n * n / 2
+    assert biggest < bound, f"{name}: an array of {biggest} elements at n={n} (n^2 = {n * n})"
