@@ -101,6 +101,14 @@ def _flops(compiled):
         return None
 
 
+def over_cap(cell: dict, max_memory_gb: float | None) -> str | None:
+    """Why the cell is skipped (its compiled buffers exceed the cap), or None."""
+    need = cell.get("compiled_bytes", 0)
+    if max_memory_gb and need > max_memory_gb * 2**30:
+        return f"needs {need / 2**30:.3g} GB > --max-memory-gb {max_memory_gb}"
+    return None
+
+
 def measure_cell(variant: str, length: int, *, batch: int, model: str = "lra",
                  model_overrides: dict | None = None, repeats: int = 3,
                  target_seconds: float = 2.0, max_steps: int = 50,
@@ -136,9 +144,9 @@ def measure_cell(variant: str, length: int, *, batch: int, model: str = "lra",
     out["compile_seconds"] = round(time.perf_counter() - t0, 2)
     out.update(_memory(compiled))
     out["step_flops"] = _flops(compiled)
-    if max_memory_gb and out.get("compiled_bytes", 0) > max_memory_gb * 2**30:
-        out["skipped"] = (f"needs {out['compiled_bytes'] / 2**30:.1f} GB > --max-memory-gb "
-                          f"{max_memory_gb}")
+    skip = over_cap(out, max_memory_gb)
+    if skip:
+        out["skipped"] = skip
         return out
     step = [0]
 
