@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 
+from tools.bench_attention import near_square
 from tools.common import (REPO_ROOT, header_lines, machine_info, markdown_table, write_csv,
                           write_text)
 
@@ -42,14 +43,6 @@ SMALL_MODEL = {"num_layers": 2, "num_heads": 4, "emb_dim": 128, "qkv_dim": 128, 
 MODELS = {"lra": LRA_TEXT_MODEL, "small": SMALL_MODEL}
 VOCAB = 256        # bytes
 NUM_CLASSES = 2
-
-
-def near_square(n: int) -> tuple[int, int]:
-    """(rows, cols) with rows * cols == n and rows the largest divisor <= sqrt(n)."""
-    r = int(math.isqrt(n))
-    while n % r:
-        r -= 1
-    return r, n // r
 
 
 def bench_config(variant: str, model: str = "lra", overrides: dict | None = None):

@@ -22,29 +22,16 @@ import math
 import os
 import time
 
+from tools import bench_attention
 from tools.common import header_lines, machine_info, markdown_table, write_csv, write_text
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 
 
-def near_square(n: int) -> tuple[int, int]:
-    r = int(math.isqrt(n))
-    while n % r:
-        r -= 1
-    return r, n // r
-
-
 def variant_hparams(name: str, length: int, task: str = "text") -> dict:
-    """The variant's hyperparameters for `task`, with a grid shape fitted to `length`."""
-    import attention
-    from configs import variants as variant_table
-
-    hp = attention.hparams_for(name, variant_table.for_task(name, task))
-    if "shape" in hp:
-        hp["shape"] = near_square(length)
-    if "num_prefix" in hp:
-        hp["num_prefix"] = 0
-    return hp
+    """The variant's hyperparameters for `task`, with a grid shape fitted to `length`
+    (shared with tools.bench_attention, which times the same op)."""
+    return bench_attention.hparams(name, length, task)
 
 
 def attention_call(name: str, length: int, *, batch: int = 1, heads: int = 4,
@@ -81,8 +68,10 @@ def _subjaxprs(params):
 
 
 def jaxpr_matmul_flops(jaxpr) -> tuple[float, bool]:
-    """(2 * multiply-adds of every dot_general, with scan bodies counted `length` times;
-    True if a while loop of unknown trip count was counted once, i.e. a lower bound)."""
+    """(2 * multiply-adds of every dot_general, with scan bodies counted `length` times and the
+    costliest branch of a cond; True if a while loop of unknown trip count was counted once,
+    i.e. a lower bound). tools.bench_attention.matmul_flops counts the same for loop-free and
+    scan programs; this one also bounds cond and while."""
     total, bounded = 0.0, False
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name

@@ -88,10 +88,8 @@ def picture_hparams(name: str, length: int, overrides: dict | None = None) -> di
         if k in hp:
             hp[k] = v
     if "shape" in hp:
-        r = int(math.isqrt(length))
-        while length % r:
-            r -= 1
-        hp["shape"] = (r, length // r)
+        from tools.bench_attention import near_square
+        hp["shape"] = near_square(length)
     if "num_prefix" in hp:
         hp["num_prefix"] = 0
     for k, v in (overrides or {}).items():

@@ -24,8 +24,6 @@ def test_fit_exponent_recovers_a_power_law():
     n = [1024, 2048, 4096, 8192]
     assert cost_table.fit_exponent(n, [3 * x ** 1.5 for x in n]) == pytest.approx(1.5)
     assert cost_table.fit_exponent(n, [None, 0, 5.0, None]) is None  # one usable point
-    assert bench_speed.near_square(2048) == (32, 64)
-    assert bench_speed.near_square(1024) == (32, 32)
 
 
 def test_cost_table_exponents_follow_the_complexity(tmp_path):
