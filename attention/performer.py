@@ -36,15 +36,13 @@ def orthogonal_features(key, num_features: int, dim: int):
     """[num_features, dim]: stacked blocks of orthonormal rows, each row rescaled to the norm
     of an independent standard Gaussian vector (the marginals of w ~ N(0, I))."""
     n_blocks = -(-num_features // dim)
-    keys = jax.random.split(key, n_blocks + 1)
-    rows = []
-    for kb in keys[:-1]:
-        q, r = jnp.linalg.qr(jax.random.normal(kb, (dim, dim)))
-        # Sign-fix so that Q is Haar-distributed: LAPACK's Householder QR leaves each column
-        # in a fixed half-space, which biases the estimator.
-        rows.append((q * jnp.sign(jnp.diagonal(r))[None, :]).T)
-    w = jnp.concatenate(rows, axis=0)[:num_features]
-    norms = jnp.linalg.norm(jax.random.normal(keys[-1], (num_features, dim)), axis=-1)
+    kg, kn = jax.random.split(key)
+    q, r = jnp.linalg.qr(jax.random.normal(kg, (n_blocks, dim, dim)))   # batched QR
+    # Sign-fix so that each Q is Haar-distributed: LAPACK's Householder QR leaves column i of
+    # every block leaning to -e_i, which biases the estimator.
+    q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+    w = jnp.swapaxes(q, -1, -2).reshape(n_blocks * dim, dim)[:num_features]
+    norms = jnp.linalg.norm(jax.random.normal(kn, (num_features, dim)), axis=-1)
     return w * norms[:, None]
 
 

@@ -5,6 +5,8 @@ invariance, causality, NaN, dtypes, jit/vmap, compiled cost) live in test_regist
 test_cost.py and run on these variants through cases.LEARNED_CASES.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,16 +44,30 @@ def state(name, key=0, length=T, head_dim=D, **hp):
                                           num_heads=H, head_dim=head_dim, **hp)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fast_compile():
+    """Small shapes: compile time dominates, so skip most XLA optimisations in this module."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(name, causal, hp_items):
+    def fn(q, k, v, mask, arrays):
+        return attention.get(name)(q, k, v, kv_mask=mask, causal=causal, **dict(hp_items),
+                                   **arrays)
+    return jax.jit(fn)
+
+
 def call(name, q, k, v, st=None, mask=MASK, causal=False, **kwargs):
-    """The variant under jit (one compile instead of many eager ops): state arrays and array
-    kwargs are traced, hyperparameters static."""
+    """The variant under jit (one compile per variant/hyperparameters/shapes instead of many
+    eager ops): state arrays and array kwargs are traced, hyperparameters static."""
     arrays = {} if st is None else {**st["params"], **st["buffers"]}
     arrays.update({n: a for n, a in kwargs.items() if isinstance(a, jax.Array)})
-    hp = {n: a for n, a in kwargs.items() if n not in arrays}
-
-    def fn(q, k, v, mask, arrays):
-        return attention.get(name)(q, k, v, kv_mask=mask, causal=causal, **hp, **arrays)
-    return jax.jit(fn)(q, k, v, mask, arrays)
+    hp = tuple(sorted((n, a) for n, a in kwargs.items() if n not in arrays))
+    return _jitted(name, causal, hp)(q, k, v, mask, arrays)
 
 
 # ------------------------------------------------------------------------- exact limits
@@ -240,7 +256,7 @@ def test_nystrom_error_falls_with_landmarks():
     ref = dense(q, k, v)
     errors = [_relative_error(call("nystrom", q, k, v, mask=None, num_landmarks=m,
                                    pinv_iters=6), ref)
-              for m in (2, 8, 16, 32, 64)]
+              for m in (2, 8, 32, 64)]
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.05, errors
 
@@ -326,7 +342,11 @@ def test_causal_scan_keeps_no_per_position_state(name, hp):
     x = jax.ShapeDtypeStruct((1, n, 1, d), jnp.float32)
     fn = lambda q, k, v: attention.get(name)(q, k, v, causal=True, chunk_size=64,  # noqa
                                              **hp, **st["params"], **st["buffers"])
-    temp = jax.jit(fn).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+    jax.config.update("jax_disable_most_optimizations", False)   # the memory XLA really plans
+    try:
+        temp = jax.jit(fn).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
     assert temp < n * d * d * 4 / 4, temp
 
 
