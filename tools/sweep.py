@@ -7,7 +7,8 @@
 Each run trains `configs/<task>.py:<variant>[,<arg>]` in ROOT/<task>/<variant>/ with
 `python train.py` in its own subprocess (a crash, an out-of-memory kill or a hung compile ends
 that run only). Per run the sweep writes status.json (status, command, times, return code) and
-log.txt (the run's stdout and stderr); a failed run also gets error.txt (the traceback).
+log.txt (the run's stdout and stderr, written as it runs); a failed run also gets error.txt
+(the traceback).
 Re-running the same command skips finished runs (results.json present), resumes unfinished
 ones from their latest checkpoint (the training loop does that) and retries failed ones.
 ROOT/sweep.json lists every run of the latest invocation and its status.
@@ -126,18 +127,24 @@ def execute(run: Run, sets, arg: str, timeout: float | None = None, echo=print) 
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    log_path = os.path.join(run.workdir, "log.txt")
     t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        rc, out, err = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as e:
-        rc = None
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = (e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")) + \
-            f"\nTimeoutError: run exceeded --timeout {timeout} s and was killed\n"
-    with open(os.path.join(run.workdir, "log.txt"), "a") as f:
-        f.write(f"===== {status['started']} {' '.join(cmd)}\n{out}\n----- stderr\n{err}\n")
+    # The run writes straight into log.txt (tail -f it to follow a run; it outlives a killed
+    # sweep instead of dying on a closed pipe).
+    with open(log_path, "a") as log:
+        log.write(f"===== {status['started']} {' '.join(cmd)}\n")
+        log.flush()
+        start = log.tell()
+        try:
+            rc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, timeout=timeout).returncode
+            extra = ""
+        except subprocess.TimeoutExpired:
+            rc = None
+            extra = f"\nTimeoutError: run exceeded --timeout {timeout} s and was killed\n"
+    with open(log_path) as log:
+        log.seek(start)
+        err = log.read() + extra
     status.update(returncode=rc, ended=_now(), seconds=round(time.time() - t0, 1))
     error_path = os.path.join(run.workdir, "error.txt")
     if rc == 0 and os.path.exists(os.path.join(run.workdir, "results.json")):
