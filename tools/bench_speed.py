@@ -30,8 +30,8 @@ import sys
 import time
 
 from tools.bench_attention import near_square
-from tools.common import (REPO_ROOT, header_lines, machine_info, markdown_table, write_csv,
-                          write_text)
+from tools.common import (REPO_ROOT, header_lines, machine_info, markdown_table,
+                          shared_machine_note, write_csv, write_text)
 
 # LRA Table 2's model: the text task's base config (4 layers, 4 heads, emb/qkv 256, MLP 1024,
 # batch 32; /work/shared/LRA.md). Used when configs/text.py is absent, else that file wins.
@@ -351,7 +351,9 @@ def main(argv=None):
     p.add_argument("--isolate", default="auto", choices=("auto", "yes", "no"),
                    help="one subprocess per cell (auto: where the device reports memory_stats)")
     p.add_argument("--cell-timeout", type=float, default=None)
-    p.add_argument("--note", default="", help="written in the header (e.g. 'shared machine')")
+    p.add_argument("--note", default="", help="written in the header")
+    p.add_argument("--quiet-load", type=float, default=1.0,
+                   help="above this 1-minute load average the header says the machine was shared")
     p.add_argument("--out", default="results")
     p.add_argument("--name", default=None, help="file stem (default speed_<backend>)")
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)
@@ -377,7 +379,8 @@ def main(argv=None):
     stats = jax.devices()[0].memory_stats()
     device_memory = bool(stats and "peak_bytes_in_use" in stats)
     isolate = a.isolate == "yes" or (a.isolate == "auto" and device_memory)
-    env = machine_info(note=a.note)
+    env = machine_info(note="; ".join(x for x in (a.note, shared_machine_note(a.quiet_load))
+                                      if x))
     cfg, source = bench_config("dense", a.model, overrides)
     model_desc = ", ".join(f"{k} {cfg.model[k]}" for k in ("num_layers", "num_heads",
                                                             "emb_dim", "qkv_dim", "mlp_dim"))
@@ -386,6 +389,10 @@ def main(argv=None):
                           model_overrides=overrides, repeats=a.repeats,
                           target_seconds=a.target_seconds, max_memory_gb=a.max_memory_gb,
                           isolate=isolate, cell_timeout=a.cell_timeout)
+    try:
+        env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
     result = {"environment": env, "device_memory": device_memory and isolate,
               "settings": {"batch": batch, "model": a.model, "model_desc": model_desc,
                            "overrides": overrides, "repeats": a.repeats,

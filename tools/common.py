@@ -90,6 +90,19 @@ def machine_info(note: str = "") -> dict:
     }
 
 
+def shared_machine_note(threshold: float = 1.0) -> str:
+    """A note for timing tables when the 1-minute load average exceeds `threshold`."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return ""
+    if load <= threshold:
+        return ""
+    return (f"shared machine: load average {load:.1f} at the start (other jobs were running); "
+            f"timings are lower and noisier than on an idle machine, the ratios against dense "
+            f"of the same run are the figures to read")
+
+
 def header_lines(title: str, env: dict) -> list[str]:
     """Markdown lines: a title and the environment the numbers were measured in."""
     lines = [f"# {title}", ""]
@@ -101,7 +114,9 @@ def header_lines(title: str, env: dict) -> list[str]:
                  f"{env.get('flax')}, optax {env.get('optax')}, python {env.get('python')}")
     if env.get("load_average") is not None:
         lines.append(f"- Load average at start (1/5/15 min): "
-                     f"{', '.join(str(x) for x in env['load_average'])}")
+                     f"{', '.join(str(x) for x in env['load_average'])}"
+                     + (f"; at the end: {', '.join(str(x) for x in env['load_average_end'])}"
+                        if env.get("load_average_end") else ""))
     if env.get("note"):
         lines.append(f"- Note: {env['note']}")
     lines.append("")

@@ -30,18 +30,6 @@ import time
 STAGES = ("cost", "masks", "sweep", "report", "speed", "plots")
 
 
-def _load_note(threshold: float) -> str:
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return ""
-    if load > threshold:
-        return (f"shared machine: load average {load:.1f} at the start (other jobs were "
-                f"running), timings are lower and noisier than on an idle machine; ratios "
-                f"against dense of the same run are the figures to read")
-    return ""
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results")
@@ -104,12 +92,12 @@ def main(argv=None) -> int:
             for r in pick:
                 masks.main(["--workdir", r["workdir"], "--out", os.path.join(out, "masks")])
         elif stage == "speed":
-            note = "; ".join(x for x in (a.note, _load_note(a.quiet_load)) if x)
-            bench_speed.main(["--out", out, "--variants", a.variants,
+            bench_speed.main(["--quiet-load", str(a.quiet_load), "--out", out,
+                              "--variants", a.variants,
                               "--lengths", a.speed_lengths, "--model", a.speed_model,
                               "--batch", str(a.speed_batch),
                               "--max-memory-gb", str(a.speed_max_memory_gb),
-                              "--repeats", str(a.speed_repeats), "--note", note])
+                              "--repeats", str(a.speed_repeats), "--note", a.note])
         elif stage == "plots":
             args = ["--out", out]
             for flag, stem in (("--speed", f"speed_{backend}"), ("--cost", f"cost_{backend}"),
