@@ -24,36 +24,37 @@ def _ratio(num, den):
 
 def kernel_attention(qf, kf, v, kv_mask=None, *, causal: bool, chunk_size: int,
                      k_log: bool = False):
-    """qf: [B, Tq, H, M] positive query features; kf: [B, Tk, H, M] positive key features (or
-    their logs with k_log=True); v: [B, Tk, H, Dv]; kv_mask: bool [B, Tk].
-    -> float32 [B, Tq, H, Dv]; zeros for a query with no visible key."""
+    """qf: [B, H, Tq, M] positive query features; kf: [B, H, Tk, M] positive key features (or
+    their logs with k_log=True); v: [B, H, Tk, Dv]; kv_mask: bool [B, Tk]. Heads-first layout:
+    every contraction below is a plain batched matmul, no transposes of [.., T, M] arrays.
+    -> float32 [B, H, Tq, Dv]; zeros for a query with no visible key."""
     qf = qf.astype(jnp.float32)
     kf = kf.astype(jnp.float32)
     v = v.astype(jnp.float32)
-    b, tk, h, m = kf.shape
+    b, h, tk, m = kf.shape
     mask = jnp.ones((b, tk), bool) if kv_mask is None else kv_mask
-    mask4 = mask[:, :, None, None]
+    mask4 = mask[:, None, :, None]
     v = jnp.where(mask4, v, 0.0)
     if not causal:
         if k_log:  # padded logs -> NEG_INF before exp (no inf, no NaN gradient)
             kf = jnp.where(mask4, kf, NEG_INF)
-            mx = jax.lax.stop_gradient(jnp.max(kf, axis=(1, 3), keepdims=True))
+            mx = jax.lax.stop_gradient(jnp.max(kf, axis=(2, 3), keepdims=True))
             kf = jnp.exp(kf - mx)
         kf = jnp.where(mask4, kf, 0.0)
-        kv = jnp.einsum("bthm,bthd->bhmd", kf, v)                  # [B, H, M, Dv]
-        ksum = jnp.sum(kf, axis=1)                                 # [B, H, M]
-        num = jnp.einsum("bqhm,bhmd->bqhd", qf, kv)
-        den = jnp.einsum("bqhm,bhm->bqh", qf, ksum)
-        return _ratio(num, den)
+        # A ones column on v gives the denominator sum_j phi(k_j) in the same matmuls.
+        v1 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+        kv = jnp.einsum("bhtm,bhtd->bhmd", kf, v1)                 # [B, H, M, Dv + 1]
+        out = jnp.einsum("bhqm,bhmd->bhqd", qf, kv)
+        return _ratio(out[..., :-1], out[..., -1])
 
     t = tk
     c = chunk_size
     n = -(-t // c)
     pad = n * c - t
 
-    def chunks(x):  # [B, T, H, F] -> [B, H, n, c, F]
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        return jnp.swapaxes(x, 1, 2).reshape(b, h, n, c, x.shape[-1])
+    def chunks(x):  # [B, H, T, F] -> [B, H, n, c, F]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        return x.reshape(b, h, n, c, x.shape[-1])
 
     maskc = jnp.pad(mask, ((0, 0), (0, pad))).reshape(b, 1, n, c, 1)
     qc, kc, vc = chunks(qf), chunks(kf), chunks(v)
@@ -87,5 +88,4 @@ def kernel_attention(qf, kf, v, kv_mask=None, *, causal: bool, chunk_size: int,
            + a_own[..., None, None] * jnp.einsum("bhnqk,bhnkd->bhnqd", scores, vc))
     den = (a_prev[..., None] * jnp.einsum("bhnqm,bhnm->bhnq", qc, zp)
            + a_own[..., None] * jnp.sum(scores, axis=-1))
-    out = _ratio(num, den).reshape(b, h, n * c, -1)[:, :, :t]
-    return jnp.swapaxes(out, 1, 2)
+    return _ratio(num, den).reshape(b, h, n * c, -1)[:, :, :t]

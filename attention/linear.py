@@ -36,6 +36,7 @@ def linear_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size=64):
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
     check_int(NAME, "chunk_size", chunk_size, 1)
-    out = kernel_attention(elu_feature(q), elu_feature(k), v, kv_mask, causal=causal,
+    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))      # [B, H, T, D]
+    out = kernel_attention(elu_feature(qt), elu_feature(kt), vt, kv_mask, causal=causal,
                            chunk_size=chunk_size)
-    return out.astype(v.dtype)
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)

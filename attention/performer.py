@@ -59,9 +59,9 @@ def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_features=256,
 
 def _log_features(x, w):
     """log phi(x) up to the constant -log(sqrt(m)) (it cancels): w . x' - |x'|^2 / 2.
-    -> [B, T, H, M]."""
+    x [..., D] (any layout, e.g. [B, T, H, D]) -> [..., M]."""
     x = x.astype(jnp.float32) * x.shape[-1] ** -0.25
-    return jnp.einsum("bthd,md->bthm", x, w) - 0.5 * jnp.sum(x * x, -1, keepdims=True)
+    return jnp.einsum("...d,md->...m", x, w) - 0.5 * jnp.sum(x * x, -1, keepdims=True)
 
 
 @register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n)",
@@ -81,14 +81,15 @@ def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features=256
     w = projection.astype(jnp.float32)
     if feature_map != "exp":
         w = jax.lax.stop_gradient(w)  # random features: a buffer, never trained
+    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))      # [B, H, T, D]
     if feature_map == "relu":
-        qf = jax.nn.relu(jnp.einsum("bthd,md->bthm", q.astype(jnp.float32) * d ** -0.25, w))
-        kf = jax.nn.relu(jnp.einsum("bthd,md->bthm", k.astype(jnp.float32) * d ** -0.25, w))
-        out = kernel_attention(qf + 1e-3, kf + 1e-3, v, kv_mask, causal=causal,
+        qf = jax.nn.relu(jnp.einsum("bhtd,md->bhtm", qt.astype(jnp.float32) * d ** -0.25, w))
+        kf = jax.nn.relu(jnp.einsum("bhtd,md->bhtm", kt.astype(jnp.float32) * d ** -0.25, w))
+        out = kernel_attention(qf + 1e-3, kf + 1e-3, vt, kv_mask, causal=causal,
                                chunk_size=chunk_size)
-        return out.astype(v.dtype)
-    lq = _log_features(q, w)
-    qf = jnp.exp(lq - jax.lax.stop_gradient(jnp.max(lq, axis=-1, keepdims=True)))
-    lk = _log_features(k, w)
-    out = kernel_attention(qf, lk, v, kv_mask, causal=causal, chunk_size=chunk_size, k_log=True)
-    return out.astype(v.dtype)
+    else:
+        lq = _log_features(qt, w)                                  # [B, H, T, M]
+        qf = jnp.exp(lq - jax.lax.stop_gradient(jnp.max(lq, axis=-1, keepdims=True)))
+        out = kernel_attention(qf, _log_features(kt, w), vt, kv_mask, causal=causal,
+                               chunk_size=chunk_size, k_log=True)
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)
