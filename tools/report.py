@@ -182,7 +182,8 @@ def build(root: str, out: str, name: str = "accuracy", published: bool = True,
         matched = {v: acc["avg"][v].get("lra_model") for v in acc["variants"]}
         names = ", ".join(f"{v} = {m}" for v, m in matched.items() if m)
         if names:
-            lines += ["", f"LRA model matched to each variant: {names}."]
+            lines += ["", f"LRA model matched to each variant: {names}"
+                      + ("" if names.endswith(".") else ".")]
 
     lines += ["", "## Parameters per variant per task", ""]
     p_rows = [[v] + [(f"{par['params'][v][t]:,}" if par["params"][v][t] is not None else "-")
