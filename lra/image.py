@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from lra._data import read_all, tfds_source
-from lra.base import ArraySource, Task, register_task
+from lra.base import Task, register_task
 
 TFDS_NAME = "cifar10"
 SIDE = 32
@@ -44,12 +44,20 @@ def load_split(split: str, data_dir: str | None):
     return to_gray(images).reshape(len(images), SIDE * SIDE), labels
 
 
-class PixelSource(ArraySource):
-    """Pixels stored as uint8; batches come out as int32 with an all-True mask."""
+class PixelSource:
+    """Pixels stored as uint8 [N, 1024]; batches come out as int32 with an all-True mask."""
+
+    def __init__(self, pixels: np.ndarray, labels: np.ndarray):
+        if len(pixels) != len(labels):
+            raise ValueError(f"image: {len(pixels)} images but {len(labels)} labels")
+        self.pixels, self.label = pixels, np.asarray(labels, np.int32)
+
+    def __len__(self):
+        return len(self.label)
 
     def get_batch(self, indices):
         indices = np.asarray(indices, np.int64)
-        pixels = self.inputs[indices]
+        pixels = self.pixels[indices]
         return {"inputs": pixels.astype(np.int32), "mask": np.ones(pixels.shape, bool),
                 "label": self.label[indices]}
 
@@ -58,10 +66,6 @@ class PixelSource(ArraySource):
 
     def labels(self):
         return self.label
-
-
-def _source(pixels, labels) -> PixelSource:
-    return PixelSource(pixels, np.ones(pixels.shape, bool), labels)
 
 
 @register_task("image")
@@ -73,9 +77,9 @@ def build(cfg) -> Task:
     pixels, labels = load_split("train", data_dir)
     n_train = (len(labels) * 9) // 10                 # tfds "train[:90%]" of 50,000 = 45,000
     test_pixels, test_labels = load_split("test", data_dir)
-    splits = {"train": _source(pixels[:n_train], labels[:n_train]),
-              "validation": _source(pixels[n_train:], labels[n_train:]),
-              "test": _source(test_pixels, test_labels)}
+    splits = {"train": PixelSource(pixels[:n_train], labels[:n_train]),
+              "validation": PixelSource(pixels[n_train:], labels[n_train:]),
+              "test": PixelSource(test_pixels, test_labels)}
     return Task(name="image", splits=splits, num_classes=NUM_CLASSES, vocab_size=VOCAB_SIZE,
                 max_len=SIDE * SIDE, grid_shape=(SIDE, SIDE),
                 info={"origin": f"tfds {TFDS_NAME} in {data_dir or 'default data dir'}",

@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 
 import lra
 from configs import image as image_config
-from lra.image import to_gray
+from lra.image import PixelSource, to_gray
 
 N = 20
 
@@ -30,7 +30,8 @@ def test_pixels_are_itu601_gray_every_pixel_a_token(mocked):
     assert (task.num_classes, task.vocab_size, task.max_len) == (10, 256, 1024)
     assert task.grid_shape == (32, 32) and not task.pair
     n_train = (N * 9) // 10
-    assert [len(task.splits[s]) for s in ("train", "validation", "test")] == [n_train, N - n_train, N]
+    sizes = [len(task.splits[s]) for s in ("train", "validation", "test")]
+    assert sizes == [n_train, N - n_train, N]
     rgb = np.stack([np.asarray(r["image"]) for r in mocked["train"]]).astype(np.int64)
     luma = (299 * rgb[..., 0] + 587 * rgb[..., 1] + 114 * rgb[..., 2]) / 1000.0   # exact
     got = np.concatenate([task.splits["train"].get_batch(np.arange(n_train))["inputs"],
@@ -50,8 +51,7 @@ def test_black_pixels_are_tokens_not_padding():
     gray = to_gray(rgb)
     assert gray[0, 0, 0] == 255 and gray[0, 0, 1] == round(0.299 * 10 + 0.587 * 20 + 0.114 * 30)
     assert (gray[0, 1:] == 0).all()          # zeros stay zeros: real tokens, the mask says so
-    from lra.image import _source
-    src = _source(gray.reshape(1, -1), np.zeros(1, np.int32))
+    src = PixelSource(gray.reshape(1, -1), np.zeros(1, np.int32))
     assert src[0]["mask"].all() and (src[0]["inputs"][2:] == 0).all()
 
 

@@ -68,5 +68,6 @@ def test_missing_files_say_what_to_download_and_where(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         lra.get_task(_cfg(tmp_path, ""))
     msg = str(e.value)
-    for part in ("retrieval", "new_aan_pairs.train.tsv", "lra_release.gz", "tsv_data", str(tmp_path)):
+    for part in ("retrieval", "new_aan_pairs.train.tsv", "lra_release.gz", "tsv_data"):
         assert part in msg
+    assert str(tmp_path) in msg
