@@ -13,8 +13,10 @@ exact softmax with each pair counted once:
     m = max_a m_a,   l = sum_a l_a exp(m_a - m),   out = sum_a o_a exp(m_a - m) / l.
 
 The masks come from the exact predicates in attention/patterns.py, evaluated on the positions
-of the gathered keys (the same reshapes applied to jnp.arange), so partial blocks, padding and
-causality are exact. The maxima are constants for differentiation (the softmax does not
+of the gathered keys (the same reshapes applied to the positions), so partial blocks, padding
+and causality are exact. Positions are static: the reshapes run in numpy at trace time, and a
+pattern mask up to STATIC_MASK_LIMIT elements becomes a constant of the program (fewer ops to
+compile); a larger one is computed by XLA from the (linear-size) position arrays. The maxima are constants for differentiation (the softmax does not
 depend on them), so gradients are those of the exact softmax.
 """
 
@@ -29,6 +31,13 @@ import numpy as np
 
 from attention._util import NEG_INF
 
+STATIC_MASK_LIMIT = 2**20  # elements of a pattern mask folded to a constant at trace time
+
+
+def xp(x):
+    """The array module of x: numpy for static (trace-time) arrays, else jax.numpy."""
+    return np if isinstance(x, np.ndarray) else jnp
+
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -41,7 +50,7 @@ def pad_axis(x, axis: int, length: int, value=0):
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
+    return xp(x).pad(x, widths, constant_values=value)
 
 
 def kv_mask_or_ones(kv_mask, batch: int, kv_len: int):
@@ -78,13 +87,13 @@ def neighbours(xb, before: int, after: int, axis: int, fill=0):
     nb = xb.shape[axis]
     widths = [(0, 0)] * xb.ndim
     widths[axis] = (before, after)
-    xp = jnp.pad(xb, widths, constant_values=fill)
+    padded = xp(xb).pad(xb, widths, constant_values=fill)
     index = [slice(None)] * xb.ndim
     shifted = []
     for s in range(before + 1 + after):
         index[axis] = slice(s, s + nb)
-        shifted.append(xp[tuple(index)])
-    return merge_axes(jnp.stack(shifted, axis=axis + 1), axis + 1)
+        shifted.append(padded[tuple(index)])
+    return merge_axes(xp(xb).stack(shifted, axis=axis + 1), axis + 1)
 
 
 def gather_blocks(xb, index):
@@ -180,13 +189,16 @@ def dropout_keys(dropout_rate: float, dropout_rng, count: int):
 def pair_mask(keep, pos_q, pos_k, kv, causal: bool):
     """keep(i, j) & (j <= i if causal) & kv as bool [B, 1, G, Q, K].
 
-    pos_q: int [G, Q]; pos_k: int [G, K], or [K] for keys shared by all groups; kv: bool
-    [B, G, K] or [B, K] (the kv_mask at those keys, False outside the sequence).
+    pos_q: int [G, Q]; pos_k: int [G, K], or [K] for keys shared by all groups (numpy arrays
+    for static positions); kv: bool [B, G, K] or [B, K] (the kv_mask at those keys, False
+    outside the sequence).
     """
     i = pos_q[:, :, None]
     j = pos_k[:, None, :] if pos_k.ndim == 2 else pos_k[None, None, :]
+    if math.prod(np.broadcast_shapes(i.shape, j.shape)) > STATIC_MASK_LIMIT:
+        i, j = jnp.asarray(i), jnp.asarray(j)  # computed by XLA, not a large constant
     m = keep(i, j)
     if causal:
         m = m & (j <= i)
     kv = kv[:, :, None, :] if kv.ndim == 3 else kv[:, None, None, :]  # [B, G|1, 1, K]
-    return m[None, None] & kv[:, None]
+    return jnp.asarray(m)[None, None] & kv[:, None]

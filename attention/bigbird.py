@@ -12,6 +12,8 @@ global + random blocks)).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,17 +52,23 @@ def init_bigbird(key, *, q_len, kv_len, num_heads, head_dim, block_size=64,
     del head_dim
     _check_hparams(block_size, num_window_blocks, num_global_blocks, num_random_blocks)
     nb = -(-max(q_len, kv_len) // block_size)
-    r = num_random_blocks
-    qb = jnp.arange(nb)[:, None]
-    kb = jnp.arange(nb)[None, :]
+    qb, kb = np.arange(nb)[:, None], np.arange(nb)[None, :]
     is_global = np.isin(np.arange(nb), _global_blocks(nb, num_global_blocks))
-    preferred = (jnp.abs(qb - kb) > num_window_blocks // 2) & ~is_global[None, :]
+    preferred = (np.abs(qb - kb) > num_window_blocks // 2) & ~is_global[None, :]  # static
+    layout = _draw_layout(key, preferred, num_heads, num_random_blocks)
+    return {"params": {}, "buffers": {"random_layout": layout}}
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _draw_layout(key, preferred, num_heads: int, r: int):
+    """r blocks per row, uniformly among the preferred ones first: int32 [H, nb, r]."""
+    nb = preferred.shape[0]
     scores = jax.random.uniform(key, (num_heads, nb, nb)) + preferred.astype(jnp.float32)
     _, layout = jax.lax.top_k(scores, min(r, nb))  # [H, nb, min(r, nb)]
     if r > nb:  # more random blocks than blocks: the extra slots point nowhere
         layout = jnp.concatenate([layout, jnp.full((num_heads, nb, r - nb), -1, layout.dtype)],
                                  axis=-1)
-    return {"params": {}, "buffers": {"random_layout": layout.astype(jnp.int32)}}
+    return layout.astype(jnp.int32)
 
 
 @register(
@@ -108,8 +116,8 @@ def bigbird_attention(q, k, v, *, kv_mask=None, causal=False, block_size=64,
 
     qb, kb, vb = blocks(qh, 2), blocks(kh, 2), blocks(vh, 2)  # [B, H, nb, c, D]
     kvb = blocks(kvm, 1, False)  # [B, nb, c]
-    pos = blocks(jnp.arange(n_pad), 0)  # [nb, c]
-    every = lambda i, j: jnp.ones(jnp.broadcast_shapes(i.shape, j.shape), bool)  # noqa: E731
+    pos = blocks(np.arange(n_pad), 0)  # [nb, c]
+    every = lambda i, j: (i == i) & (j == j)  # noqa: E731  (all pairs of the gathered blocks)
     after = 0 if causal else reach
     # 1) Window blocks qb - reach .. qb + reach (shifted slices).
     groups = [(neighbours(kb, reach, after, axis=2), neighbours(vb, reach, after, axis=2),
@@ -147,8 +155,7 @@ def bigbird_attention(q, k, v, *, kv_mask=None, causal=False, block_size=64,
         rows = np.concatenate([np.arange(g * c, (g + 1) * c) for g in glob])
         rows = rows[rows < q.shape[1]]
         if rows.size:
-            mask = pair_mask(every, jnp.asarray(rows)[None], jnp.arange(k.shape[1]), kvm,
-                             causal)
+            mask = pair_mask(every, rows[None], np.arange(k.shape[1]), kvm, causal)
             dense = partial_attention(qh[:, :, None, rows], [(kh, vh, mask)],
                                       dropout_rate=dropout_rate, dropout_rng=keys[1])
             out = out.at[:, :, rows].set(merge(dense)[:, :, 0])

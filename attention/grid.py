@@ -19,11 +19,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 from attention import patterns, register
 from attention._blocks import (
     dropout_keys, heads_first, kv_mask_or_ones, merge, pair_mask, partial_attention, round_up,
-    to_blocks)
+    to_blocks, xp)
 from attention._util import check_causal, check_int, check_qkv
 
 
@@ -53,7 +54,7 @@ def _with_prefix(grid_out, qh, kh, vh, kvm, keep, num_prefix, causal, dropout_ra
     """Prepends the prefix tokens' outputs (dense rows: they see every key)."""
     if num_prefix == 0:
         return grid_out
-    mask = pair_mask(keep, jnp.arange(num_prefix)[None], jnp.arange(kh.shape[2]), kvm, causal)
+    mask = pair_mask(keep, np.arange(num_prefix)[None], np.arange(kh.shape[2]), kvm, causal)
     rows = partial_attention(qh[:, :, None, :num_prefix], [(kh, vh, mask)],
                              dropout_rate=dropout_rate, dropout_rng=rng)
     return jnp.concatenate([merge(rows)[:, :, 0], grid_out], axis=2)
@@ -62,7 +63,7 @@ def _with_prefix(grid_out, qh, kh, vh, kvm, keep, num_prefix, causal, dropout_ra
 def _prefix_group(kh, vh, kvm, keep, pos_q, num_prefix, causal):
     """Grid queries' extra key group: the prefix tokens (shared by all groups)."""
     return (kh[:, :, :num_prefix], vh[:, :, :num_prefix],
-            pair_mask(keep, pos_q, jnp.arange(num_prefix), kvm[:, :num_prefix], causal))
+            pair_mask(keep, pos_q, np.arange(num_prefix), kvm[:, :num_prefix], causal))
 
 
 @register(
@@ -88,9 +89,9 @@ def axial_attention(q, k, v, *, kv_mask=None, causal=False, shape=(32, 32), axis
     def lines(x, seq_axis):  # [.., p + R*C, ..] -> [.., lines, cells per line, ..]
         x = x[(slice(None),) * seq_axis + (slice(p, None),)]
         x = x.reshape(*x.shape[:seq_axis], rows, cols, *x.shape[seq_axis + 1:])
-        return x if axis == 1 else jnp.swapaxes(x, seq_axis, seq_axis + 1)
+        return x if axis == 1 else x.swapaxes(seq_axis, seq_axis + 1)
 
-    pos = lines(jnp.arange(p + rows * cols), 0)  # [G, Q]
+    pos = lines(np.arange(p + rows * cols), 0)  # [G, Q]
     kv = lines(kvm, 1)  # [B, G, Q]
     groups = [(lines(kh, 2), lines(vh, 2), pair_mask(keep, pos, pos, kv, causal))]
     if p:
@@ -116,7 +117,7 @@ def _grid_tiles(x, axis: int, t: int):
     """[.., Rp, Cp, ..] (grid at axis, axis + 1; multiples of t) -> [.., nR * nC, t * t, ..]."""
     s = x.shape
     x = x.reshape(*s[:axis], s[axis] // t, t, s[axis + 1] // t, t, *s[axis + 2:])
-    x = jnp.swapaxes(x, axis + 1, axis + 2)  # [.., nR, nC, t, t, ..]
+    x = x.swapaxes(axis + 1, axis + 2)  # [.., nR, nC, t, t, ..]
     return x.reshape(*s[:axis], (s[axis] // t) * (s[axis + 1] // t), t * t, *s[axis + 2:])
 
 
@@ -124,7 +125,7 @@ def _untile(x, axis: int, t: int, n_rows: int, n_cols: int):
     """Inverse of _grid_tiles: [.., nR * nC, t * t, ..] -> [.., nR * t, nC * t, ..]."""
     s = x.shape
     x = x.reshape(*s[:axis], n_rows, n_cols, t, t, *s[axis + 2:])
-    x = jnp.swapaxes(x, axis + 1, axis + 2)
+    x = x.swapaxes(axis + 1, axis + 2)
     return x.reshape(*s[:axis], n_rows * t, n_cols * t, *s[axis + 2:])
 
 
@@ -140,16 +141,16 @@ def _halo(x, axis: int, t: int, w: int, fill):
     count = xb.shape[axis]
     widths = [(0, 0)] * xb.ndim
     widths[axis] = (1, 1)
-    xp = jnp.pad(xb, widths, constant_values=fill)
+    padded = xp(xb).pad(xb, widths, constant_values=fill)
 
     def part(blocks: slice, cells: slice):
         idx = [slice(None)] * xb.ndim
         idx[axis], idx[axis + 1] = blocks, cells
-        return xp[tuple(idx)]
+        return padded[tuple(idx)]
 
     prev = part(slice(0, count), slice(t - w, t))
     after = part(slice(2, count + 2), slice(0, w))
-    return jnp.concatenate([prev, xb, after], axis=axis + 1)
+    return xp(xb).concatenate([prev, xb, after], axis=axis + 1)
 
 
 def _grid_windows(x, axis: int, t: int, w: int, fill):
@@ -159,7 +160,7 @@ def _grid_windows(x, axis: int, t: int, w: int, fill):
     """
     x = _halo(x, axis, t, w, fill)  # [.., nR, span, Cp, ..]
     x = _halo(x, axis + 2, t, w, fill)  # [.., nR, span, nC, span, ..]
-    x = jnp.swapaxes(x, axis + 1, axis + 2)  # [.., nR, nC, span, span, ..]
+    x = x.swapaxes(axis + 1, axis + 2)  # [.., nR, nC, span, span, ..]
     s = x.shape
     return x.reshape(*s[:axis], s[axis] * s[axis + 1], s[axis + 2] * s[axis + 3],
                      *s[axis + 4:])
@@ -196,7 +197,7 @@ def local2d_attention(q, k, v, *, kv_mask=None, causal=False, shape=(32, 32), wi
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, r_pad - rows)
         widths[axis + 1] = (0, c_pad - cols)
-        return jnp.pad(x, widths, constant_values=fill)
+        return xp(x).pad(x, widths, constant_values=fill)
 
     def queries(x, axis, fill=0):  # grid -> tiles [.., G, t*t, ..]
         return _grid_tiles(padded(x, axis, fill), axis, t)
@@ -204,7 +205,7 @@ def local2d_attention(q, k, v, *, kv_mask=None, causal=False, shape=(32, 32), wi
     def neighbourhood(x, axis, fill=0):  # grid -> windows [.., G, (t+2w)^2, ..]
         return _grid_windows(padded(x, axis, fill), axis, t, w, fill)
 
-    pos = grid(jnp.arange(p + rows * cols), 0)  # [R, C]
+    pos = grid(np.arange(p + rows * cols), 0)  # [R, C]
     pos_q = queries(pos, 0, -1)  # [G, t*t]
     pos_k = neighbourhood(pos, 0, -1)  # [G, (t+2w)^2]
     kv = neighbourhood(grid(kvm, 1), 1, False)  # [B, G, (t+2w)^2]

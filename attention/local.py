@@ -23,6 +23,7 @@ The predicates are attention/patterns.py's, applied to the positions of the gath
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from attention import patterns, register
 from attention._blocks import (
@@ -62,7 +63,7 @@ def band(qh, kh, vh, kvm, *, window: int, causal: bool):
     kb = neighbours(blocks(kh, 2), before, after, axis=2)
     vb = neighbours(blocks(vh, 2), before, after, axis=2)
     kvb = neighbours(blocks(kvm, 1, False), before, after, axis=1, fill=False)
-    pos_q = blocks(jnp.arange(n_pad), 0)
+    pos_q = blocks(np.arange(n_pad), 0)
     pos_k = neighbours(pos_q, before, after, axis=0, fill=-1)
     return qb, kb, vb, kvb, pos_q, pos_k
 
@@ -82,12 +83,12 @@ def strided_part(qh, kh, vh, kvm, *, stride: int, keep, causal: bool, dropout_ra
 
     def group(x, axis, fill=0):  # [.., N, ..] -> [.., stride, N // stride, ..]
         x = to_blocks(pad_axis(x, axis, n_pad, fill), stride, axis)
-        return jnp.swapaxes(x, axis, axis + 1)
+        return x.swapaxes(axis, axis + 1)
 
     def ungroup(x):  # [B, H, stride, N // stride, ...] -> [B, H, N, ...]
         return merge_axes(jnp.swapaxes(x, 2, 3), 2)
 
-    pos = group(jnp.arange(n_pad), 0)  # [stride, N // stride]
+    pos = group(np.arange(n_pad), 0)  # [stride, N // stride]
     mask = pair_mask(keep, pos, pos, group(kvm, 1, False), causal)
     part = partial_attention(group(qh, 2), [(group(kh, 2), group(vh, 2), mask)],
                              dropout_rate=dropout_rate, dropout_rng=dropout_rng)
@@ -205,7 +206,7 @@ def sparse_fixed_attention(q, k, v, *, kv_mask=None, causal=False, block_size=12
 
     qb, kb, vb = blocks(qh, 2), blocks(kh, 2), blocks(vh, 2)  # [B, H, nb, b, D]
     kvb = blocks(kvm, 1, False)  # [B, nb, b]
-    pos = blocks(jnp.arange(n_pad), 0)  # [nb, b]
+    pos = blocks(np.arange(n_pad), 0)  # [nb, b]
     groups = [(kb, vb, pair_mask(keep, pos, pos, kvb, causal))]
     if summary > 0:
         # The summary positions of every block, shared by all query blocks; pairs in the
@@ -243,13 +244,13 @@ def longformer_attention(q, k, v, *, kv_mask=None, causal=False, window=256, num
     groups = [(kb, vb, pair_mask(not_global, pos_q, pos_k, kvb, causal))]
     if g > 0:
         groups.append((kh[:, :, :g], vh[:, :, :g],
-                       pair_mask(keep, pos_q, jnp.arange(g), kvm[:, :g], causal)))
+                       pair_mask(keep, pos_q, np.arange(g), kvm[:, :g], causal)))
     part = partial_attention(qb, groups, dropout_rate=dropout_rate, dropout_rng=keys[0])
     out = _unblock(merge(part))  # [B, H, N, Dv]
     gq = min(num_global, q.shape[1])
     if gq > 0:
         # Global queries see every key: dense rows, O(num_global * n).
-        mask = pair_mask(keep, jnp.arange(gq)[None], jnp.arange(k.shape[1]), kvm, causal)
+        mask = pair_mask(keep, np.arange(gq)[None], np.arange(k.shape[1]), kvm, causal)
         rows = partial_attention(qh[:, :, None, :gq], [(kh, vh, mask)],
                                  dropout_rate=dropout_rate, dropout_rng=keys[1])
         out = out.at[:, :, :gq].set(merge(rows)[:, :, 0])

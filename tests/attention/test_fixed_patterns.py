@@ -16,17 +16,12 @@ import pytest
 import attention
 from attention import patterns
 from attention.local import band_block
+from tests.attention.cases import CASES
+from tests.attention.compile_options import FAST_COMPILE
 
 B, H, D = 2, 2, 8
 VARIANTS = ["blockwise", "local", "strided", "sparse", "sparse_fixed", "longformer", "bigbird",
             "axial", "local2d"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
 
 
 def _not_multiple(rng, lo, hi, *sizes):
@@ -132,10 +127,10 @@ def run_case(name, seed, causal, dtype):
     state = variant.init_state(jax.random.key(seed), q_len=max_len, kv_len=max_len,
                                num_heads=H, head_dim=D, **hp)
     arrays = {**state["params"], **state["buffers"]}
-    keys = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(keys[0], (B, tq, H, D)).astype(dtype)
-    k, v = (jax.random.normal(kk, (B, tk, H, D)).astype(dtype) for kk in keys[1:3])
-    ct = jax.random.normal(keys[3], (B, tq, H, D))
+    rng = np.random.default_rng(seed)  # numpy inputs: no eager jax ops to compile
+    q = jnp.asarray(rng.standard_normal((B, tq, H, D), np.float32), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((B, tk, H, D), np.float32), dtype) for _ in "kv")
+    ct = rng.standard_normal((B, tq, H, D), np.float32)
     kv_mask = np.ones((B, tk), bool)
     kv_mask[1, tk - 4:] = False      # padding at the end
     kv_mask[0, 1] = False            # and a masked key inside
@@ -145,13 +140,13 @@ def run_case(name, seed, causal, dtype):
         out = variant.fn(q, k, v, kv_mask=kv_mask, causal=causal, **hp, **arrays)
         return jnp.sum(out.astype(jnp.float32) * ct), out
 
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (_, out), grads = jax.jit(grad, compiler_options=FAST_COMPILE)(q, k, v)
     assert out.dtype == dtype and out.shape == (B, tq, H, D)
     mask = np.asarray(mask_fn(state))
     mask = (mask[None, None] if mask.ndim == 2 else mask[None]) & np.asarray(kv_mask)[:, None,
                                                                                       None, :]
-    ref_out, ref_grads = reference(q.astype(jnp.float32), k.astype(jnp.float32),
-                                   v.astype(jnp.float32), mask, ct)
+    ref_out, ref_grads = reference(*(np.asarray(x, np.float32) for x in (q, k, v)), mask, ct)
     return out, grads, ref_out, ref_grads, mask
 
 
@@ -238,8 +233,6 @@ INVALID = [
 
 @pytest.mark.parametrize("name,bad,field", INVALID)
 def test_invalid_hyperparameters_raise_before_compile(name, bad, field):
-    from tests.attention.cases import CASES
-
     hp = {**attention.hparams_for(name, CASES[name]), **bad}
     n = 25 if name == "axial" else 31 if name == "local2d" else 24
     x = jax.ShapeDtypeStruct((1, n, H, D), jnp.float32)

@@ -15,8 +15,9 @@ its params/buffers from init_state (called as the model layer calls it):
 Where a property does not apply to a variant, the tables below say so and why.
 
 To keep compile time small, each variant compiles two programs (forward+backward on a batch
-whose rows carry the padding cases; every other forward in one program) and the properties
-are checked on their outputs; all failing properties are reported together.
+whose rows carry the padding cases; every other forward in one program) with fast-compile XLA
+options, and the properties are checked on their outputs; all failing properties are reported
+together.
 """
 
 import functools
@@ -28,6 +29,7 @@ import pytest
 
 import attention
 from tests.attention.cases import CASES
+from tests.attention.compile_options import FAST_COMPILE
 
 NAMES = attention.names()
 B, H, D = 4, 2, 8
@@ -49,13 +51,6 @@ FIXED_LENGTH = {name: "length = num_prefix + rows * cols is fixed by `shape`"
                 for name in NAMES if "shape" in attention.get(name).defaults}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
-
-
 def setup(name):
     """(hyperparameters, length, state arrays) as the model layer builds them."""
     hp = attention.hparams_for(name, CASES[name])
@@ -75,26 +70,30 @@ def caller(name, hp, arrays):
 
 
 def make_inputs(n):
-    """q, k, v [B, n + EXTRA_PADS, H, D] and the masks of the cases (numpy)."""
-    ks = jax.random.split(jax.random.key(0), 8)
-    q, k, v = (jax.random.normal(kk, (B, n + EXTRA_PADS, H, D)) for kk in ks[:3])
+    """q, k, v [B, n + EXTRA_PADS, H, D] and the inputs of the cases (numpy: no eager jax ops
+    to compile)."""
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: rng.standard_normal(shape, np.float32)  # noqa: E731
+    q, k, v = (normal(B, n + EXTRA_PADS, H, D) for _ in range(3))
     real = np.arange(n) < n - PADS
     # Rows: 0 all real; 1 the last PADS padded; 2 = row 1 with other k/v at the pads;
     # 3 no real position at all.
     mask = np.stack([np.ones(n, bool), real, real, np.zeros(n, bool)])
-    q, k, v = (x.at[2].set(x[1]) for x in (q, k, v))
-    pad = jnp.asarray(np.concatenate([~real, np.ones(EXTRA_PADS, bool)]))[:, None, None]
-    k = k.at[2].set(jnp.where(pad, 10.0 * jax.random.normal(ks[3], k.shape[1:]), k[1]))
-    v = v.at[2].set(jnp.where(pad, 10.0 * jax.random.normal(ks[4], v.shape[1:]), v[1]))
+    pad = np.concatenate([~real, np.ones(EXTRA_PADS, bool)])
+    for x in (q, k, v):
+        x[2] = x[1]
+    k[2, pad] = 10.0 * normal(pad.sum(), H, D)
+    v[2, pad] = 10.0 * normal(pad.sum(), H, D)
     # Causal rows: 0 base, 1 = row 0 with every input at positions >= n // 2 changed,
     # 2 = row 0, 3 = row 0 with key 0 masked (query 0 then sees nothing).
-    later = jnp.asarray(np.arange(n) >= n // 2)[:, None, None]
-    noise = jax.random.normal(ks[5], (3, n, H, D))
-    causal_qkv = [jnp.stack([x[0, :n], jnp.where(later, z, x[0, :n]), x[0, :n], x[0, :n]])
-                  for x, z in zip((q, k, v), noise)]
+    causal_qkv = []
+    for x in (q, k, v):
+        c = np.repeat(x[:1, :n], B, axis=0)
+        c[1, n // 2:] = normal(n - n // 2, H, D)
+        causal_qkv.append(c)
     causal_mask = np.ones((B, n), bool)
     causal_mask[3, 0] = False
-    ct = jax.random.normal(ks[6], (B, n, H, D))
+    ct = normal(B, n, H, D)
     return (q, k, v), mask, real, causal_qkv, causal_mask, ct
 
 
@@ -111,7 +110,8 @@ def results(name):
         out = call(q, k, v, jnp.asarray(mask))
         return jnp.sum(out * ct), out
 
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*short)
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (_, out), grads = jax.jit(grad, compiler_options=FAST_COMPILE)(*short)
 
     def forwards(q, k, v, short, causal_qkv):
         res = {}
@@ -130,7 +130,7 @@ def results(name):
                                   dropout_rng=jax.random.key(0))
         return res
 
-    res = jax.jit(forwards)(q, k, v, short, causal_qkv)
+    res = jax.jit(forwards, compiler_options=FAST_COMPILE)(q, k, v, short, causal_qkv)
     dtypes = {key: val.dtype for key, val in res.items()}
     res = {key: np.asarray(val.astype(jnp.float32)) for key, val in res.items()}
     res.update(out=np.asarray(out), grads=[np.asarray(g) for g in grads], n=n, real=real,
