@@ -11,8 +11,9 @@ the median over --repeats timed groups of steps, each group ended by block_until
 Memory: the compiled step's buffers (XLA memory_analysis: arguments + outputs + temporaries -
 donated aliases), deterministic on any backend; where the device reports memory_stats (GPU/TPU)
 also the device's peak bytes in use, measured with each cell in its own subprocess (--isolate).
-Ratios are against dense measured in the same invocation (lengths outermost, so load drift on
-a shared machine hits every variant of a length alike). Grid variants (hyperparameter `shape`)
+Ratios are against dense measured in the same invocation: all variants of a length are
+compiled and warmed up, then timed round-robin (one group of each in turn, --repeats rounds),
+so load changes on a shared machine hit every variant of a length alike. Grid variants (hyperparameter `shape`)
 see the sequence as a near-square grid (rows x cols = length), noted in the table.
 Writes OUT/<name>.md (+ .csv, .json).
 """
@@ -102,75 +103,140 @@ def over_cap(cell: dict, max_memory_gb: float | None) -> str | None:
     return None
 
 
+class Cell:
+    """One (variant, length): the compiled training step, its state and batch, and `info`
+    (sizes, memory, FLOPs; after timing also steps/s). Build it, then warm_up(), then time()."""
+
+    def __init__(self, variant: str, length: int, *, batch: int, model: str = "lra",
+                 model_overrides: dict | None = None, max_memory_gb: float | None = None,
+                 seed: int = 0):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from flax import nnx
+
+        from models import build_model, count_params
+        from training import optim
+        from training.loop import make_train_step
+
+        config, source = bench_config(variant, model, model_overrides)
+        grid = near_square(length) if "shape" in _defaults(variant) else None
+        model_obj = build_model(config, num_classes=NUM_CLASSES, vocab_size=VOCAB,
+                                max_len=length, grid_shape=grid, seed=seed)
+        opt = nnx.Optimizer(model_obj, optim.optimizer(config.train), wrt=nnx.Param)
+        graphdef, self.state = nnx.split((model_obj, opt))
+        rng = np.random.default_rng(seed)
+        self.batch = {
+            "inputs": jnp.asarray(rng.integers(0, VOCAB, (batch, length)), jnp.int32),  # [B, T]
+            "mask": jnp.ones((batch, length), bool),                                    # [B, T]
+            "label": jnp.asarray(rng.integers(0, NUM_CLASSES, (batch,)), jnp.int32)}    # [B]
+        self.info = {"variant": variant, "length": length, "batch": batch, "grid": grid,
+                     "num_params": count_params(model_obj), "config_source": source,
+                     "model": {k: config.model[k] for k in ("num_layers", "num_heads",
+                                                            "emb_dim", "qkv_dim", "mlp_dim")}}
+        step_fn = jax.jit(make_train_step(graphdef, config.seed), donate_argnums=0)
+        t0 = time.perf_counter()
+        self.compiled = step_fn.lower(self.state, self.batch,
+                                      jnp.asarray(0, jnp.int32)).compile()
+        self.info["compile_seconds"] = round(time.perf_counter() - t0, 2)
+        self.info.update(_memory(self.compiled))
+        self.info["step_flops"] = _flops(self.compiled)
+        skip = over_cap(self.info, max_memory_gb)
+        if skip:
+            self.info["skipped"] = skip
+        self.step, self.steps_per_group, self.times = 0, 1, []
+
+    @property
+    def runnable(self) -> bool:
+        return "skipped" not in self.info
+
+    def run(self, n: int):
+        import jax
+        import jax.numpy as jnp
+
+        for _ in range(n):
+            self.state, metrics = self.compiled(self.state, self.batch,
+                                                jnp.asarray(self.step, jnp.int32))
+            self.step += 1
+        jax.block_until_ready((self.state, metrics))
+        return metrics
+
+    def warm_up(self, target_seconds: float, max_steps: int = 50) -> None:
+        """One first execution; sets how many steps a timed group of ~target_seconds has."""
+        t0 = time.perf_counter()
+        metrics = self.run(1)
+        first = time.perf_counter() - t0
+        if not bool(metrics["finite"]):
+            raise FloatingPointError(f"{self.info['variant']} at length {self.info['length']}: "
+                                     f"non-finite loss in the benchmark step")
+        self.steps_per_group = int(min(max_steps, max(1, math.ceil(
+            target_seconds / max(first, 1e-6)))))
+
+    def time_group(self) -> None:
+        t0 = time.perf_counter()
+        self.run(self.steps_per_group)
+        self.times.append((time.perf_counter() - t0) / self.steps_per_group)
+
+    def result(self) -> dict:
+        import jax
+
+        out = dict(self.info)
+        if self.times:
+            out["steps_timed"] = self.steps_per_group * len(self.times)
+            out["seconds_per_step"] = statistics.median(self.times)
+            out["steps_per_sec"] = 1.0 / out["seconds_per_step"]
+            out["steps_per_sec_spread"] = [round(1.0 / max(self.times), 4),
+                                           round(1.0 / min(self.times), 4)]
+            stats = jax.devices()[0].memory_stats()
+            if stats and "peak_bytes_in_use" in stats:
+                out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+        return out
+
+
 def measure_cell(variant: str, length: int, *, batch: int, model: str = "lra",
                  model_overrides: dict | None = None, repeats: int = 3,
                  target_seconds: float = 2.0, max_steps: int = 50,
                  max_memory_gb: float | None = None, seed: int = 0) -> dict:
     """Compiles and times one training step of `variant` at `length`. -> result dict."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
+    cell = Cell(variant, length, batch=batch, model=model, model_overrides=model_overrides,
+                max_memory_gb=max_memory_gb, seed=seed)
+    if cell.runnable:
+        cell.warm_up(target_seconds, max_steps)
+        for _ in range(repeats):
+            cell.time_group()
+    return cell.result()
 
-    from models import build_model, count_params
-    from training import optim
-    from training.loop import make_train_step
 
-    config, source = bench_config(variant, model, model_overrides)
-    grid = near_square(length) if "shape" in _defaults(variant) else None
-    model_obj = build_model(config, num_classes=NUM_CLASSES, vocab_size=VOCAB, max_len=length,
-                            grid_shape=grid, seed=seed)
-    opt = nnx.Optimizer(model_obj, optim.optimizer(config.train), wrt=nnx.Param)
-    graphdef, state = nnx.split((model_obj, opt))
-    rng = np.random.default_rng(seed)
-    batch_arrays = {
-        "inputs": jnp.asarray(rng.integers(0, VOCAB, (batch, length)), jnp.int32),  # [B, T]
-        "mask": jnp.ones((batch, length), bool),                                    # [B, T]
-        "label": jnp.asarray(rng.integers(0, NUM_CLASSES, (batch,)), jnp.int32)}    # [B]
-    out = {"variant": variant, "length": length, "batch": batch, "grid": grid,
-           "num_params": count_params(model_obj), "config_source": source,
-           "model": {k: config.model[k] for k in ("num_layers", "num_heads", "emb_dim",
-                                                  "qkv_dim", "mlp_dim")}}
-    step_fn = jax.jit(make_train_step(graphdef, config.seed), donate_argnums=0)
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch_arrays, jnp.asarray(0, jnp.int32)).compile()
-    out["compile_seconds"] = round(time.perf_counter() - t0, 2)
-    out.update(_memory(compiled))
-    out["step_flops"] = _flops(compiled)
-    skip = over_cap(out, max_memory_gb)
-    if skip:
-        out["skipped"] = skip
-        return out
-    step = [0]
+def _error(variant, length, batch, e) -> dict:
+    return {"variant": variant, "length": length, "batch": batch,
+            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
-    def run(n):
-        nonlocal state
-        for _ in range(n):
-            state, metrics = compiled(state, batch_arrays, jnp.asarray(step[0], jnp.int32))
-            step[0] += 1
-        jax.block_until_ready((state, metrics))
-        return metrics
 
-    t0 = time.perf_counter()
-    metrics = run(1)  # warm-up (first execution)
-    first = time.perf_counter() - t0
-    if not bool(metrics["finite"]):
-        raise FloatingPointError(f"{variant} at length {length}: non-finite loss in the "
-                                 f"benchmark step")
-    n = int(min(max_steps, max(1, math.ceil(target_seconds / max(first, 1e-6)))))
-    times = []
+def measure_length_round_robin(variants, length: int, *, batch: int, repeats: int = 3,
+                               target_seconds: float = 2.0, echo=print, **cell_kwargs) -> list:
+    """All variants at one length: compile all, warm each up, then `repeats` rounds that time
+    one group of every variant in turn, so load changes on a shared machine hit all alike."""
+    cells, results = {}, {}
+    for v in variants:
+        try:
+            cells[v] = Cell(v, length, batch=batch, **cell_kwargs)
+            if cells[v].runnable:
+                cells[v].warm_up(target_seconds)
+        except Exception as e:  # noqa: BLE001  (one variant's failure is a table entry)
+            cells.pop(v, None)
+            results[v] = _error(v, length, batch, e)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run(n)
-        times.append((time.perf_counter() - t0) / n)
-    out["steps_timed"] = n * repeats
-    out["seconds_per_step"] = statistics.median(times)
-    out["steps_per_sec"] = 1.0 / out["seconds_per_step"]
-    out["steps_per_sec_spread"] = [round(1.0 / max(times), 4), round(1.0 / min(times), 4)]
-    stats = jax.devices()[0].memory_stats()
-    if stats and "peak_bytes_in_use" in stats:
-        out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
-    return out
+        for v in variants:
+            if v in cells and cells[v].runnable:
+                try:
+                    cells[v].time_group()
+                except Exception as e:  # noqa: BLE001
+                    results[v] = _error(v, length, batch, e)
+                    del cells[v]
+    for v, c in cells.items():
+        results[v] = c.result()
+    del cells
+    return [results[v] for v in variants]
 
 
 def _defaults(variant):
@@ -191,33 +257,38 @@ def _cell_subprocess(kwargs: dict, timeout: float | None) -> dict:
 def run_benchmark(variants, lengths, *, batch, model="lra", model_overrides=None, repeats=3,
                   target_seconds=2.0, max_memory_gb=None, isolate=False, cell_timeout=None,
                   echo=print) -> list[dict]:
-    """Every (length, variant) cell; failures are recorded as {"error": ...}."""
+    """Every (length, variant) cell; failures are recorded as {"error": ...}. In-process:
+    round-robin over the variants of each length; isolated: one subprocess per cell."""
+    import jax
+
     cells = []
     for length in lengths:
-        for v in variants:
-            kwargs = dict(variant=v, length=length, batch=batch, model=model,
-                          model_overrides=model_overrides, repeats=repeats,
-                          target_seconds=target_seconds, max_memory_gb=max_memory_gb)
-            try:
-                cell = (_cell_subprocess(kwargs, cell_timeout) if isolate
-                        else measure_cell(**kwargs))
-                if not isolate and "device_peak_bytes" in cell:
+        if isolate:
+            row = []
+            for v in variants:
+                kwargs = dict(variant=v, length=length, batch=batch, model=model,
+                              model_overrides=model_overrides, repeats=repeats,
+                              target_seconds=target_seconds, max_memory_gb=max_memory_gb)
+                try:
+                    row.append(_cell_subprocess(kwargs, cell_timeout))
+                except Exception as e:  # noqa: BLE001
+                    row.append(_error(v, length, batch, e))
+        else:
+            row = measure_length_round_robin(
+                variants, length, batch=batch, repeats=repeats, target_seconds=target_seconds,
+                model=model, model_overrides=model_overrides, max_memory_gb=max_memory_gb)
+            for cell in row:
+                if "device_peak_bytes" in cell:
                     # Process-wide peak so far, not this cell's: kept apart, not tabled.
                     cell["device_peak_bytes_process"] = cell.pop("device_peak_bytes")
-            except Exception as e:  # noqa: BLE001  (one variant's failure is a table entry)
-                cell = {"variant": v, "length": length, "batch": batch,
-                        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-            cells.append(cell)
+        for cell in row:
             if "steps_per_sec" in cell:
-                echo(f"L={length} {v}: {cell['steps_per_sec']:.3f} steps/s, "
+                echo(f"L={length} {cell['variant']}: {cell['steps_per_sec']:.3f} steps/s, "
                      f"{cell.get('compiled_bytes', 0) / 2**30:.3f} GB compiled")
             else:
-                echo(f"L={length} {v}: {cell.get('skipped') or cell.get('error')}")
-            try:
-                import jax
-                jax.clear_caches()
-            except Exception:  # noqa: BLE001
-                pass
+                echo(f"L={length} {cell['variant']}: {cell.get('skipped') or cell.get('error')}")
+        cells.extend(row)
+        jax.clear_caches()
     return cells
 
 
@@ -265,7 +336,8 @@ def write_tables(result: dict, out: str, name: str) -> None:
         f"Steps per second of one full training step (forward, backward, AdamW update) of the "
         f"text classifier ({s['model_desc']}), batch {s['batch']}, synthetic byte sequences "
         f"without padding, attention-weight dropout off for all variants; median of "
-        f"{s['repeats']} timed groups after a warm-up step. Speed "
+        f"{s['repeats']} timed groups after a warm-up step, the groups taken round-robin over "
+        f"the variants of a length. Speed "
         f"columns: steps/s, and in parentheses the speed relative to dense measured in this "
         f"same run. Memory columns: GB, {mem_kind}; in parentheses relative to dense. "
         f"Config: {s['config_source']}. Cells: `fail` = error (listed below), `skip` = over "

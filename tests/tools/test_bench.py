@@ -58,8 +58,10 @@ def test_cost_table_exponents_follow_the_complexity(tmp_path):
 def test_speed_cells_ratios_memory_cap_and_table(tmp_path):
     other = "local" if "local" in attention.VARIANTS else "dense"
     kw = dict(batch=2, model="small", model_overrides=TINY, repeats=1, target_seconds=0.05)
-    d64 = bench_speed.measure_cell("dense", 64, **kw)
-    o64 = bench_speed.measure_cell(other, 64, **kw)
+    # Round-robin timing of a length's variants; a failing variant is a recorded entry.
+    d64, o64, bad = bench_speed.measure_length_round_robin(
+        ["dense", other, "no_such_variant"], 64, **kw)
+    assert "no_such_variant" in bad["error"] and "steps_per_sec" not in bad
     assert d64["steps_per_sec"] > 0 and d64["steps_timed"] >= 1
     assert d64["model"]["emb_dim"] == 16 and d64["num_params"] > 0
     # Memory: the compiled step's buffers (donated state counted once).
