@@ -35,7 +35,7 @@ from tools.common import (REPO_ROOT, header_lines, machine_info, markdown_table,
                           shared_machine_note, write_csv, write_text)
 
 # LRA Table 2's model: the text task's base config (4 layers, 4 heads, emb/qkv 256, MLP 1024,
-# batch 32; /work/shared/LRA.md). Used when configs/text.py is absent, else that file wins.
+# batch 32; the LRA paper, Tay et al. 2020, arXiv 2011.04006). Used when configs/text.py is absent, else that file wins.
 LRA_TEXT_MODEL = {"num_layers": 4, "num_heads": 4, "emb_dim": 256, "qkv_dim": 256,
                   "mlp_dim": 1024}
 LRA_TEXT_BATCH = 32

@@ -2,7 +2,7 @@
 
 Source: the LRA paper's Table 1 (test accuracy %, Path-X "FAIL" for every model) and Table 2
 (byte-level text classification, batch 32, TPU v3 4x4: steps per second of the Transformer and
-speed relative to it, peak memory GB per device), as collected in /work/shared/LRA.md.
+speed relative to it, peak memory GB per device), as collected in the LRA paper, Tay et al. 2020, arXiv 2011.04006.
 Entries the paper marks uncertain keep a note instead of a number.
 """
 
