@@ -51,7 +51,7 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.1
     c.model.attention_dropout_rate = 0.1
     c.model.pooling = "cls"          # "cls" (learned CLS vector prepended) | "mean" (real tokens)
-    c.model.pos_embedding = "sinusoidal"   # "sinusoidal" | "learned"
+    c.model.pos_embedding = "sinusoidal"   # "sinusoidal" | "learned" | "sinusoidal2d" (grids)
     c.model.interaction = "nli"      # pair tasks: [u, v, u*v, u-v] -> MLP ("concat": [u, v])
     c.model.dtype = "float32"        # activations: "float32" | "bfloat16"
 

@@ -30,6 +30,25 @@ def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
     return table
 
 
+def sinusoidal_2d_positions(grid_shape, dim: int, num_prefix: int = 0) -> np.ndarray:
+    """[num_prefix + rows * cols, dim] 2D table for raster-order pixels: the first half of the
+    channels is the 1D table of the row, the second half that of the column, so a dot product of
+    two positions is a function of the row offset plus one of the column offset. Prefix tokens
+    (CLS) get zeros."""
+    if dim % 4:
+        raise ValueError(f"model.pos_embedding='sinusoidal2d' needs emb_dim divisible by 4; "
+                         f"got {dim}")
+    rows, cols = (int(s) for s in grid_shape)
+    half = dim // 2
+    row = np.repeat(sinusoidal_positions(rows, half), cols, axis=0)
+    col = np.tile(sinusoidal_positions(cols, half), (rows, 1))
+    table = np.concatenate([row, col], axis=1)
+    return np.concatenate([np.zeros((num_prefix, dim), np.float32), table], axis=0)
+
+
+POS_EMBEDDINGS = ("sinusoidal", "sinusoidal2d", "learned")
+
+
 class EncoderBlock(nnx.Module):
     def __init__(self, *, emb_dim, mlp_dim, dropout_rate, attention_dropout_rate, dtype, rngs,
                  **attention_kwargs):
@@ -58,8 +77,8 @@ class Encoder(nnx.Module):
         self.dtype = DTYPES[m["dtype"]] if m["dtype"] in DTYPES else _bad("model.dtype", m["dtype"], DTYPES)
         if m["pooling"] not in ("cls", "mean"):
             _bad("model.pooling", m["pooling"], ("cls", "mean"))
-        if m["pos_embedding"] not in ("sinusoidal", "learned"):
-            _bad("model.pos_embedding", m["pos_embedding"], ("sinusoidal", "learned"))
+        if m["pos_embedding"] not in POS_EMBEDDINGS:
+            _bad("model.pos_embedding", m["pos_embedding"], POS_EMBEDDINGS)
         self.pooling = m["pooling"]
         prefix = 1 if self.pooling == "cls" else 0
         self.max_len = max_len
@@ -68,6 +87,13 @@ class Encoder(nnx.Module):
         self.embed = nnx.Embed(vocab_size, emb, rngs=rngs)
         if m["pos_embedding"] == "learned":
             self.pos = nnx.Param(jax.random.normal(rngs.params(), (total, emb)) * 0.02)
+        elif m["pos_embedding"] == "sinusoidal2d":
+            if grid_shape is None or int(np.prod(grid_shape)) != max_len:
+                raise ValueError(
+                    "model.pos_embedding='sinusoidal2d' is for image-like tasks whose max_len is "
+                    f"rows * cols of the task's grid; got grid_shape={grid_shape}, "
+                    f"max_len={max_len}. Use 'sinusoidal' or 'learned' for sequences.")
+            self.pos = nnx.Variable(jnp.asarray(sinusoidal_2d_positions(grid_shape, emb, prefix)))
         else:
             self.pos = nnx.Variable(jnp.asarray(sinusoidal_positions(total, emb)))
         if prefix:

@@ -1,21 +1,31 @@
 """Input-pipeline cost: a training step fed by the real pipeline vs the same step on a
-preloaded batch.
+preloaded batch, and the host time to build one batch.
 
     python -m tools.bench_pipeline --configs configs/listops.py:dense,tiny configs/listops.py:dense,small
         [--steps 50] [--rounds 3] [--out results/pipeline_cpu]
+    python -m tools.bench_pipeline --all_tiny --mock     # every task's tiny config
 
-Rounds alternate the two modes; the table gives the median step time of each and the
-pipeline's cost (fed - preloaded) / preloaded. Writes <out>.md and <out>.csv.
+Rounds alternate the two modes; the table gives the median step time of each, the pipeline's
+cost (fed - preloaded) / preloaded (two noisy timings on a shared machine), and build_pct: the
+median serial time to build one batch / the preloaded step time, i.e. the cost if the
+prefetch threads overlapped nothing (an upper bound that does not depend on the overlap).
+
+--mock: text and image read `tfds.testing.mock_data` records (random bytes / pixels of the
+real shapes) and retrieval reads synthetic rows written in the release's TSV format, so the
+benchmark runs without the downloads; the table's data column says which data each row used.
+ListOps and Pathfinder are generated, as in training.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 import jax
@@ -25,10 +35,54 @@ from configs.loader import load
 from lra import pipeline
 from training.loop import setup
 
+ALL_TINY = ["configs/listops.py:dense,tiny", "configs/text.py:dense,tiny",
+            "configs/retrieval.py:dense,tiny", "configs/image.py:dense,tiny",
+            "configs/pathfinder.py:dense,tiny", "configs/pathx.py:dense,tiny"]
 
-def bench(spec: str, steps: int, rounds: int) -> dict:
+
+def write_synthetic_aan(folder: str, max_len: int, seed: int = 0, per_split: int = 512) -> None:
+    """Synthetic rows in the release format (label, id1, id2, text1, text2): random printable
+    documents of max_len bytes, so the byte pipeline does its real amount of work."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz ,.;()0123456789", np.uint8)
+    os.makedirs(folder, exist_ok=True)
+    for name in ("train", "eval", "test"):
+        with open(os.path.join(folder, f"new_aan_pairs.{name}.tsv"), "w") as f:
+            for i in range(per_split):
+                d1, d2 = (alphabet[rng.integers(0, len(alphabet), max_len)].tobytes().decode()
+                          for _ in range(2))
+                f.write(f"{i % 2}\tdoc{i}a\tdoc{i}b\t{d1}\t{d2}\n")
+
+
+@contextlib.contextmanager
+def data_for(config, mock: bool):
+    """Yields the data column's text; with mock, points the config at mock/synthetic data."""
+    task = config.data.task
+    if not mock or task in ("listops", "pathfinder", "pathx"):
+        yield "generated" if task in ("listops", "pathfinder", "pathx") else "real"
+        return
+    if task == "retrieval":
+        with tempfile.TemporaryDirectory() as tmp:
+            write_synthetic_aan(tmp, config.data.max_len)
+            config.data.data_dir = tmp
+            yield "synthetic TSV (release format)"
+        return
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=2 * max(config.data.batch_size, 256)):
+        yield "tfds mock_data"
+
+
+def bench(spec: str, steps: int, rounds: int, mock: bool = False) -> dict:
     config = load(spec)
-    s = setup(config)
+    with tempfile.TemporaryDirectory() as cache:
+        config.data.cache_dir = cache
+        with data_for(config, mock) as data:
+            s = setup(config)
+        return _bench(spec, config, s, data, steps, rounds)
+
+
+def _bench(spec, config, s, data, steps, rounds) -> dict:
     src = s["task"].splits["train"]
     bs = config.data.batch_size
     batches = pipeline.train_batches(src, bs, seed=config.seed, workers=config.data.workers)
@@ -61,19 +115,32 @@ def bench(spec: str, steps: int, rounds: int) -> dict:
         a.append(fed())
         b.append(preloaded())
     fa, fb = statistics.median(a), statistics.median(b)
-    return {"config": spec, "task": s["task"].name, "batch": bs,
+    builds = []
+    for step in range(1, 1 + max(steps, 10)):   # serial: one batch at a time, no threads
+        t = time.perf_counter()
+        pipeline._gather(src, pipeline.train_indices(len(src), bs, config.seed, step))
+        builds.append(time.perf_counter() - t)
+    build = statistics.median(builds)
+    return {"config": spec, "task": s["task"].name, "data": data, "batch": bs,
             "max_len": config.data.max_len, "step_ms_pipeline": 1e3 * fa,
-            "step_ms_preloaded": 1e3 * fb, "pipeline_cost_pct": 100 * (fa - fb) / fb}
+            "step_ms_preloaded": 1e3 * fb, "pipeline_cost_pct": 100 * (fa - fb) / fb,
+            "build_ms": 1e3 * build, "build_pct": 100 * build / fb}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", nargs="+", required=True)
+    p.add_argument("--configs", nargs="+")
+    p.add_argument("--all_tiny", action="store_true", help="every task's tiny config")
+    p.add_argument("--mock", action="store_true",
+                   help="text/image: tfds mock_data; retrieval: synthetic release-format TSV")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="results/pipeline_cpu")
     a = p.parse_args(argv)
-    rows = [bench(spec, a.steps, a.rounds) for spec in a.configs]
+    specs = (a.configs or []) + (ALL_TINY if a.all_tiny else [])
+    if not specs:
+        p.error("give --configs and/or --all_tiny")
+    rows = [bench(spec, a.steps, a.rounds, a.mock) for spec in specs]
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     cols = list(rows[0])
     with open(a.out + ".csv", "w", newline="") as f:

@@ -8,7 +8,7 @@ from flax import nnx
 
 from configs import listops as listops_config
 from models import build_model, count_params
-from models.encoder import sinusoidal_positions
+from models.encoder import sinusoidal_2d_positions, sinusoidal_positions
 
 
 def tiny(**model):
@@ -43,6 +43,36 @@ def test_shapes_and_param_count(pooling, pos, pair):
     logits = model(x, jnp.ones(shape, bool))
     assert logits.shape == (3, 10) and logits.dtype == jnp.float32
     assert count_params(model) == expected_params(c.model, 16, 10, 24, pair)
+
+
+def test_sinusoidal_2d_positions_depend_on_2d_offset():
+    """Dot products of the 2D table are a function of (row offset, column offset) alone."""
+    rows, cols, dim = 6, 8, 16
+    table = sinusoidal_2d_positions((rows, cols), dim, num_prefix=1)
+    assert table.shape == (1 + rows * cols, dim)
+    np.testing.assert_array_equal(table[0], 0.0)           # CLS: no position
+    grid = table[1:].reshape(rows, cols, dim)
+    # same offset (1, 2) from two different places
+    a = grid[0, 0] @ grid[1, 2]
+    b = grid[3, 4] @ grid[4, 6]
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    # the row half is constant along a row, the column half along a column
+    np.testing.assert_array_equal(grid[2, :, : dim // 2], np.broadcast_to(grid[2, 0, : dim // 2],
+                                                                          (cols, dim // 2)))
+    np.testing.assert_array_equal(grid[:, 5, dim // 2:], np.broadcast_to(grid[0, 5, dim // 2:],
+                                                                         (rows, dim // 2)))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sinusoidal_2d_positions((rows, cols), 6)
+
+
+def test_sinusoidal_2d_in_model_needs_a_grid():
+    c = tiny(pos_embedding="sinusoidal2d")
+    model = build_model(c, num_classes=2, vocab_size=16, max_len=24, grid_shape=(4, 6))
+    assert model(jnp.ones((2, 24), jnp.int32), jnp.ones((2, 24), bool)).shape == (2, 2)
+    with pytest.raises(ValueError, match="image-like tasks"):
+        build_model(c, num_classes=2, vocab_size=16, max_len=24)
+    with pytest.raises(ValueError, match="image-like tasks"):
+        build_model(c, num_classes=2, vocab_size=16, max_len=24, grid_shape=(4, 5))
 
 
 # Parameter counts of the published LRA ListOps Transformer (dense): a regression table.

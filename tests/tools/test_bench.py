@@ -95,3 +95,14 @@ def test_speed_cells_ratios_memory_cap_and_table(tmp_path):
         assert f"({want:.2f}x)" in md
     with open(os.path.join(tmp_path, "speed.csv")) as f:
         assert len(list(csv.DictReader(f))) == 3
+
+
+def test_pipeline_bench_synthetic_aan_is_release_format(tmp_path):
+    """The benchmark's synthetic retrieval rows parse with the release reader at full length."""
+    from lra import retrieval
+    from tools import bench_pipeline
+    bench_pipeline.write_synthetic_aan(str(tmp_path), max_len=50, per_split=6)
+    files = retrieval.find_files(str(tmp_path))
+    tokens, lengths, labels = retrieval.read_tsv(files["train"], max_len=50)
+    assert tokens.shape == (6, 2, 50) and (lengths == 50).all()
+    assert labels.tolist() == [0, 1, 0, 1, 0, 1]
