@@ -50,7 +50,7 @@ def hparams(name: str, n: int, task: str) -> dict:
     return hp
 
 
-def _subjaxprs(eqn):
+def subjaxprs(eqn):
     for value in eqn.params.values():
         for item in value if isinstance(value, (tuple, list)) else (value,):
             sub = getattr(item, "jaxpr", item)
@@ -69,7 +69,7 @@ def matmul_flops(jaxpr) -> float:
                 lhs[d] for d in contract)
             continue
         times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        total += times * sum(matmul_flops(sub) for sub in _subjaxprs(eqn))
+        total += times * sum(matmul_flops(sub) for sub in subjaxprs(eqn))
     return total
 
 

@@ -23,6 +23,7 @@ import pytest
 
 import attention
 from tests.attention.compile_options import FAST_COMPILE
+from tools.bench_attention import matmul_flops, subjaxprs
 
 NAMES = attention.names()
 B, H, D = 1, 2, 32
@@ -68,36 +69,13 @@ def train_fn(name, n, hp):
     return f, (x, x, x, jax.ShapeDtypeStruct((B, n), jnp.bool_), x)
 
 
-def _subjaxprs(eqn):
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            sub = getattr(item, "jaxpr", item)
-            if hasattr(sub, "eqns"):
-                yield sub
-
-
-def matmul_flops(jaxpr) -> float:
-    """2 * multiply-adds of every dot_general; scan bodies counted `length` times."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
-                lhs[d] for d in contract)
-            continue
-        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        total += times * sum(matmul_flops(sub) for sub in _subjaxprs(eqn))
-    return total
-
-
 def largest_array(jaxpr) -> int:
     """Elements of the largest value anywhere in the jaxpr (scan bodies: per iteration)."""
     best = 0
     for eqn in jaxpr.eqns:
         for var in eqn.outvars:
             best = max(best, math.prod(getattr(var.aval, "shape", ())))
-        for sub in _subjaxprs(eqn):
+        for sub in subjaxprs(eqn):
             best = max(best, largest_array(sub))
     return best
 
