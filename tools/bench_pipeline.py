@@ -64,8 +64,9 @@ def write_synthetic_aan(folder: str, max_len: int, seed: int = 0, per_split: int
 def data_for(config, mock: bool):
     """Yields the data column's text; with mock, points the config at mock/synthetic data."""
     task = config.data.task
-    if not mock or task in ("listops", "pathfinder", "pathx"):
-        yield "generated" if task in ("listops", "pathfinder", "pathx") else "real"
+    if config.data.data_dir or not mock or task in ("listops", "pathfinder", "pathx"):
+        generated = task in ("listops", "pathfinder", "pathx") and not config.data.data_dir
+        yield "generated" if generated else "real files"
         return
     if task == "retrieval":
         with tempfile.TemporaryDirectory() as tmp:
