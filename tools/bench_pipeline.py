@@ -34,6 +34,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from configs.loader import load
 import lra
@@ -48,7 +49,6 @@ ALL_TINY = ["configs/listops.py:dense,tiny", "configs/text.py:dense,tiny",
 def write_synthetic_aan(folder: str, max_len: int, seed: int = 0, per_split: int = 512) -> None:
     """Synthetic rows in the release format (label, id1, id2, text1, text2): random printable
     documents of max_len bytes, so the byte pipeline does its real amount of work."""
-    import numpy as np
     rng = np.random.default_rng(seed)
     alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz ,.;()0123456789", np.uint8)
     os.makedirs(folder, exist_ok=True)
