@@ -7,7 +7,8 @@ A Task holds random-access sources per split ("train", "validation", "test"). A 
   inputs: int32 [max_len]        token ids (pixel values, bytes, ListOps tokens)
   mask:   bool  [max_len]        True = real token. Padding is a mask, never a token value:
                                  a pixel or byte 0 is a real token.
-  label:  int32 []               class index
+  label:  int32 []               class index (0 and unused for a causal task: the targets are
+                                 the inputs shifted by one)
 
 Pair tasks (retrieval) give inputs/mask of shape [2, max_len]. Sources are deterministic: the
 same index gives the same example, so a resumed run sees the same data.
@@ -67,6 +68,7 @@ class Task:
     max_len: int
     pair: bool = False                     # two sequences per example (retrieval)
     grid_shape: tuple[int, int] | None = None   # (rows, cols) for image-like tasks
+    causal: bool = False                   # a language-modelling task (next-token targets)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  # provenance, counts
 
     def majority_rate(self, split: str) -> float:
@@ -92,6 +94,7 @@ _TASK_MODULES = {  # task name -> module that registers it (imported on first us
     "image": "lra.image",
     "pathfinder": "lra.pathfinder",
     "pathx": "lra.pathfinder",
+    "lm": "lra.lm",
 }
 
 

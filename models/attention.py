@@ -42,7 +42,7 @@ def layer_hparams(name: str, overrides: Mapping[str, Any], *, layer_index: int,
 class MultiHeadAttention(nnx.Module):
     def __init__(self, *, emb_dim: int, qkv_dim: int, num_heads: int, attention_name: str,
                  hparams: Mapping[str, Any], impl: str, max_len: int, dropout_rate: float,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, causal: bool = False, rngs: nnx.Rngs):
         if qkv_dim % num_heads:
             raise ValueError(f"model.qkv_dim ({qkv_dim}) must be divisible by model.num_heads "
                              f"({num_heads})")
@@ -53,6 +53,12 @@ class MultiHeadAttention(nnx.Module):
         self.hparams = dict(hparams)
         self.dropout_rate = dropout_rate
         self.variant = attention.get(attention_name)
+        if causal and not self.variant.supports_causal:
+            raise ValueError(
+                f"attention variant {attention_name!r} does not support causal attention (a "
+                f"causal model needs one that does: "
+                f"{', '.join(n for n in attention.names() if attention.get(n).supports_causal)})")
+        self.causal = causal
         attention.implementation(attention_name, impl)  # unknown impl: ValueError now
         if dropout_rate > 0 and not self.variant.supports_dropout:
             warnings.warn(f"attention variant {attention_name!r} has no dropout on attention "
@@ -85,7 +91,7 @@ class MultiHeadAttention(nnx.Module):
         if train and self.dropout_rate > 0 and self.variant.supports_dropout and rngs is not None:
             kwargs.update(dropout_rate=self.dropout_rate, dropout_rng=rngs.dropout())
         fn = attention.implementation(self.attention_name, self.impl)
-        y = fn(q, k, v, kv_mask=mask, causal=False, **kwargs)  # [B, T, H, Dv]
+        y = fn(q, k, v, kv_mask=mask, causal=self.causal, **kwargs)  # [B, T, H, Dv]
         if train and self.variant.update_buffers is not None:
             new = self.variant.update_buffers(
                 buffers, jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), kv_mask=mask,

@@ -4,6 +4,10 @@ Classifier: tokens -> embedding + positions -> blocks -> LayerNorm -> pooling (a
 vector prepended, or the mean over real tokens) -> Dense(mlp) -> ReLU -> Dense(classes), the
 head of the LRA code. DualEncoderClassifier (retrieval): one shared encoder for both documents,
 [u, v, u*v, u-v] (or [u, v]) -> Dense(mlp) -> ReLU -> Dense(classes).
+TokenPredictor (denoising and language modelling): the same encoder, its per-token states ->
+Dense(vocab) at every position; for masked-token prediction the chosen positions' embeddings are
+replaced by a learned mask vector. The head and the mask vector are the predictor's, the encoder
+is shared with the classifiers, so a pretrained encoder loads into a classifier unchanged.
 """
 
 from __future__ import annotations
@@ -69,10 +73,14 @@ class EncoderBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    """tokens int [B, T], mask bool [B, T] -> pooled [B, emb_dim]."""
+    """tokens int [B, T], mask bool [B, T] -> pooled [B, emb_dim] (or per-token states).
+
+    causal=True: every attention layer is causal (position i sees positions <= i); a variant
+    that cannot be causal is a ValueError here, naming it."""
 
     def __init__(self, *, vocab_size: int, max_len: int, model: Mapping[str, Any],
-                 attention_cfg: Mapping[str, Any], grid_shape=None, rngs: nnx.Rngs):
+                 attention_cfg: Mapping[str, Any], grid_shape=None, causal: bool = False,
+                 rngs: nnx.Rngs):
         m = dict(model)
         self.dtype = DTYPES[m["dtype"]] if m["dtype"] in DTYPES else _bad("model.dtype", m["dtype"], DTYPES)
         if m["pooling"] not in ("cls", "mean"):
@@ -108,15 +116,33 @@ class Encoder(nnx.Module):
                 attention_name=name, impl=attention_cfg.get("impl", "xla"),
                 hparams=layer_hparams(name, overrides, layer_index=i, grid_shape=grid_shape,
                                       num_prefix=prefix),
-                max_len=total, attention_dropout_rate=m["attention_dropout_rate"])
+                max_len=total, attention_dropout_rate=m["attention_dropout_rate"],
+                causal=causal)
             for i in range(m["num_layers"])])
         self.norm = nnx.LayerNorm(emb, dtype=self.dtype, rngs=rngs)
 
     def __call__(self, tokens, mask, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        x, mask = self.states(tokens, mask, train=train, rngs=rngs)
+        if self.pooling == "cls":
+            return x[:, 0].astype(jnp.float32)
+        w = mask.astype(jnp.float32)[..., None]
+        return (jnp.sum(x.astype(jnp.float32) * w, axis=1) / jnp.maximum(w.sum(axis=1), 1.0))
+
+    @property
+    def num_prefix(self) -> int:
+        return 1 if self.pooling == "cls" else 0
+
+    def states(self, tokens, mask, *, train: bool = False, rngs: nnx.Rngs | None = None,
+               replace=None, replacement=None):
+        """-> (x [B, prefix + T, E] after the final LayerNorm, mask [B, prefix + T]).
+        replace: bool [B, T] positions whose token embedding is swapped for `replacement` [E]
+        (masked-token prediction)."""
         b, t = tokens.shape
         if t > self.max_len:
             raise ValueError(f"input length {t} exceeds the model's max_len {self.max_len}")
         x = self.embed(tokens)  # [B, T, E]
+        if replace is not None:
+            x = jnp.where(replace[..., None], replacement.astype(x.dtype), x)
         if self.pooling == "cls":
             cls = jnp.broadcast_to(self.cls[...], (b, 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
@@ -125,11 +151,7 @@ class Encoder(nnx.Module):
         x = self.dropout(x, deterministic=not train, rngs=rngs)
         for block in self.blocks:
             x = block(x, mask, train=train, rngs=rngs)
-        x = self.norm(x)
-        if self.pooling == "cls":
-            return x[:, 0].astype(jnp.float32)
-        w = mask.astype(jnp.float32)[..., None]
-        return (jnp.sum(x.astype(jnp.float32) * w, axis=1) / jnp.maximum(w.sum(axis=1), 1.0))
+        return self.norm(x), mask
 
 
 def _bad(field, value, valid):
@@ -176,3 +198,28 @@ class DualEncoderClassifier(nnx.Module):
         u, v = both.reshape(b, 2, -1)[:, 0], both.reshape(b, 2, -1)[:, 1]
         feats = [u, v, u * v, u - v] if self.interaction == "nli" else [u, v]
         return self.head(jnp.concatenate(feats, axis=-1))
+
+
+class TokenPredictor(nnx.Module):
+    """Encoder + a per-token head Dense(emb -> vocab): masked-token prediction (bidirectional)
+    or next-token prediction (causal=True). Pair inputs [B, 2, T] are encoded as 2B sequences
+    and come back as [B, 2, T, vocab]."""
+
+    def __init__(self, *, vocab_size: int, rngs: nnx.Rngs, causal: bool = False,
+                 **encoder_kwargs):
+        self.encoder = Encoder(vocab_size=vocab_size, causal=causal, rngs=rngs, **encoder_kwargs)
+        emb = encoder_kwargs["model"]["emb_dim"]
+        self.causal = causal
+        self.mask_vector = nnx.Param(jax.random.normal(rngs.params(), (emb,)) * 0.02)
+        self.logits = nnx.Linear(emb, vocab_size, rngs=rngs)
+
+    def __call__(self, inputs, mask, *, train=False, rngs=None, replace=None):
+        """inputs int [..., T], mask bool [..., T], replace bool [..., T] (positions to hide)
+        -> logits float32 [..., T, vocab]."""
+        lead, t = inputs.shape[:-1], inputs.shape[-1]
+        flat = lambda a: None if a is None else a.reshape(-1, t)  # noqa: E731
+        x, _ = self.encoder.states(flat(inputs), flat(mask), train=train, rngs=rngs,
+                                   replace=flat(replace), replacement=self.mask_vector[...])
+        x = x[:, self.encoder.num_prefix:]                       # [N, T, E]
+        logits = self.logits(x).astype(jnp.float32)             # [N, T, vocab]
+        return logits.reshape(*lead, t, -1)
