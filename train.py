@@ -5,13 +5,17 @@
         --config.train.steps=50
 
 Outputs in --workdir: metrics.jsonl, results.json, config.json, tensorboard/, checkpoints/.
-Re-running the same command resumes from the latest checkpoint.
+Re-running the same command resumes from the newest good checkpoint. A config file is Python
+that runs when it is loaded: use config files you trust.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from training.loop import train_and_evaluate  # noqa: F401  (the API tests and tools call)
+from training.checkpoint import CheckpointError
+from training.loop import ConfigError, NonFiniteError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Task config file and its argument, e.g. configs/listops.py:performer,tiny",
@@ -24,7 +28,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, NonFiniteError, CheckpointError) as e:
+        # Expected ways for a run to stop: the message says what happened and what to do.
+        print(f"train.py: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

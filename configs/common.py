@@ -82,6 +82,7 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
     c.train.distributed = False      # call jax.distributed.initialize() (multi-host)
+    c.train.change_on_resume = False  # resume with a changed learning_rate/schedule/warmup/clip
     return c
 
 

@@ -104,20 +104,20 @@ def _build_times(src, config, steps) -> float:
 
 
 def _bench(spec, config, s, data, steps, rounds, first, fresh_fed) -> dict:
-    src = s["task"].splits["train"]
+    src = s.task.splits["train"]
     bs = config.data.batch_size
     batches = pipeline.train_batches(src, bs, seed=config.seed, workers=config.data.workers)
-    state = s["state"]
-    fixed = jax.device_put(next(batches), s["data_sharding"])
+    state = s.state
+    fixed = jax.device_put(next(batches), s.data_sharding)
     step_no = jnp.asarray(0, jnp.int32)
-    state, m = s["train_step"](state, fixed, step_no)  # compile
+    state, m = s.train_step(state, fixed, step_no)  # compile
     jax.block_until_ready(m)
 
     def fed(batches=batches, steps=steps):
         nonlocal state
         t = time.perf_counter()
         for _ in range(steps):
-            state, m = s["train_step"](state, jax.device_put(next(batches), s["data_sharding"]),
+            state, m = s.train_step(state, jax.device_put(next(batches), s.data_sharding),
                                        step_no)
         jax.block_until_ready(m)
         return (time.perf_counter() - t) / steps
@@ -131,7 +131,7 @@ def _bench(spec, config, s, data, steps, rounds, first, fresh_fed) -> dict:
         nonlocal state
         t = time.perf_counter()
         for _ in range(steps):
-            state, m = s["train_step"](state, fixed, step_no)
+            state, m = s.train_step(state, fixed, step_no)
         jax.block_until_ready(m)
         return (time.perf_counter() - t) / steps
 
@@ -142,7 +142,7 @@ def _bench(spec, config, s, data, steps, rounds, first, fresh_fed) -> dict:
         b.append(preloaded())
     fa, fb = statistics.median(a), statistics.median(b)
     build = _build_times(src, config, range(1, 1 + max(steps, 10)))   # batches seen above
-    return {"config": spec, "task": s["task"].name, "data": data, "batch": bs,
+    return {"config": spec, "task": s.task.name, "data": data, "batch": bs,
             "max_len": config.data.max_len, "step_ms_pipeline": 1e3 * fa,
             "step_ms_preloaded": 1e3 * fb, "pipeline_cost_pct": 100 * (fa - fb) / fb,
             "step_ms_pipeline_first": 1e3 * fed_first,

@@ -288,31 +288,17 @@ def attention_map(model, inputs: np.ndarray, mask: np.ndarray, *, layer: int = 0
 
 def load_trained(workdir: str):
     """(config, task, model) of the latest checkpoint in a train.py workdir."""
-    import jax
     import ml_collections
     from flax import nnx
 
-    from training.checkpoint import Checkpoints
-    from training.loop import setup
+    from training.loop import load_checkpoint, setup
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     s = setup(config)
-    state = s["state"]
-    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"))
-    try:
-        latest = ckpt.latest_step()
-        if latest is None:
-            raise ValueError(f"masks: no checkpoint in {workdir!r}/checkpoints")
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                               sharding=x.sharding),
-                                nnx.to_pure_dict(state))
-        restored, _ = ckpt.restore(latest, abstract)
-    finally:
-        ckpt.close()
-    nnx.replace_by_pure_dict(state, restored)
-    model, _ = nnx.merge(s["graphdef"], state)
-    return config, s["task"], model, latest
+    step = load_checkpoint(workdir, s)
+    model, _ = nnx.merge(s.graphdef, s.state)
+    return config, s.task, model, step
 
 
 def draw_attention_map(result: dict, path: str, title: str = "") -> str:

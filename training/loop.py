@@ -1,19 +1,25 @@
 """The one training loop for every task and variant: train_and_evaluate(config, workdir).
 
-config -> task (lra) -> model (models) -> optax -> jit step (donated state, batch sharded over
-all devices) -> validation evals -> orbax checkpoints -> test eval -> results.json.
+validate the config -> build task, model, optimizer, jitted steps, and trace the train step
+once (every value is checked before the workdir is touched) -> open the workdir (restore the
+newest good checkpoint, compare the run's identity, write config.json) -> train, log, evaluate,
+checkpoint -> test -> results.json.
+
 Exact resume: the state (model, optimizer, step) is checkpointed, batches are a function of
 (seed, step) and dropout keys of (seed, step), so a resumed run ends where an uninterrupted one
-would. A non-finite loss or gradient skips that update, and the host stops the run naming the
-step at the next check (every log step and before every checkpoint): no NaN is ever saved.
+would. A step whose loss, gradient or updated state is non-finite changes nothing (selected on
+device), and the host stops the run naming the step at its next check (every log step and
+before every checkpoint and evaluation), so nothing non-finite is ever saved or reported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,95 +31,71 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import lra
 from lra import pipeline
 from models import build_model, count_params
-from training import optim
+from training import objectives, optim
 from training.checkpoint import Checkpoints
-from training.metrics import MetricsWriter
+from training.metrics import MetricsWriter, NonFiniteError, TrainMonitor, write_json
+from training.validate import ConfigError, validate_config
 
-# Fields that may differ between a run and its resumption (everything else must match).
-RESUMABLE_FIELDS = {"train.steps", "train.log_every", "train.eval_every", "data.workers",
-                    "train.checkpoint_every", "train.keep_checkpoints", "data.eval_batch_size",
-                    "data.cache_dir", "data.data_dir"}
+__all__ = ["train_and_evaluate", "setup", "NonFiniteError", "ConfigError"]
 
-
-class NonFiniteError(FloatingPointError):
-    pass
-
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_workdir(workdir: str, config) -> None:
-    """A workdir holding a run of another config is an error; nothing is overwritten."""
-    path = os.path.join(workdir, "config.json")
-    new = _flat(json.loads(config.to_json()))
-    if os.path.exists(path):
-        with open(path) as f:
-            old = _flat(json.load(f))
-        diff = sorted(k for k in set(old) | set(new)
-                      if old.get(k) != new.get(k) and k not in RESUMABLE_FIELDS)
-        if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
-            raise ValueError(
-                f"workdir {workdir!r} holds a run of another config (differs in {shown}"
-                f"{' ...' if len(diff) > 8 else ''}). Use a new --workdir, or the same config "
-                f"to resume.")
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json(indent=2))
-    os.replace(path + ".tmp", path)
+# Fields that may differ between a run and its resumption: they change how the run is watched,
+# not what it computes.
+FREE_FIELDS = {"train.steps", "train.log_every", "train.eval_every", "train.eval_examples",
+               "train.checkpoint_every", "train.keep_checkpoints", "train.distributed",
+               "train.change_on_resume", "data.workers", "data.eval_batch_size",
+               "data.cache_dir", "data.data_dir", "attention.impl"}
+# Fields a stopped run may continue with on purpose (train.change_on_resume=True); the change
+# is recorded in metrics.jsonl at the step where it happened.
+SAFE_FIELDS = {"train.learning_rate", "train.schedule", "train.warmup_steps", "train.grad_clip"}
 
 
 def make_mesh():
     return Mesh(np.asarray(jax.devices()), ("data",))
 
 
-def _loss_and_metrics(model, batch, train, rngs):
-    logits = model(batch["inputs"], batch["mask"], train=train, rngs=rngs)
-    labels = batch["label"]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return losses, correct
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def make_train_step(graphdef, seed: int):
+def make_train_step(graphdef, seed: int, objective: str = "classify"):
+    loss_of = objectives.get(objective)
+
     def train_step(state, batch, step):
         model, opt = nnx.merge(graphdef, state)
         key = jax.random.fold_in(jax.random.key(seed), step)
 
         def loss_fn(model):
-            rngs = nnx.Rngs(dropout=key)
-            losses, correct = _loss_and_metrics(model, batch, True, rngs)
-            return losses.mean(), correct.mean()
+            out = loss_of(model, batch, train=True, rngs=nnx.Rngs(dropout=key))
+            count = jnp.maximum(out["count"].sum(), 1.0)
+            return out["loss_sum"].sum() / count, out["correct"].sum() / count
 
         (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         gnorm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         before = nnx.state((model, opt))
         opt.update(model, grads)
         after = nnx.state((model, opt))
+        grads_finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        finite = grads_finite & _all_finite(after)
         # A non-finite step changes nothing; the host stops the run at its next check.
         new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), after, before)
         metrics = {"loss": loss, "accuracy": acc, "grad_norm": gnorm, "finite": finite,
+                   "grads_finite": grads_finite,
                    "param_norm": optax.tree.norm(nnx.state(model, nnx.Param))}
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, objective: str = "classify"):
+    loss_of = objectives.get(objective)
+
     def eval_step(state, batch):
         model, _ = nnx.merge(graphdef, state)
-        losses, correct = _loss_and_metrics(model, batch, False, None)
+        out = loss_of(model, batch, train=False, rngs=None)
         w = batch["weight"]
-        return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum(correct * w),
-                "count": jnp.sum(w)}
+        return {k: jnp.sum(out[k] * w) for k in ("loss_sum", "correct", "count")}
 
     return eval_step
 
@@ -135,8 +117,23 @@ def environment() -> dict:
             "python": platform.python_version(), "processor": platform.processor()}
 
 
-def setup(config, workdir: str | None = None):
-    """Builds task, model, optimizer and the jitted steps. Returns a dict of the pieces."""
+@dataclasses.dataclass
+class Setup:
+    """What a run is made of: the task, the model and optimizer state, the jitted steps."""
+
+    task: lra.Task
+    mesh: Mesh
+    graphdef: Any
+    state: Any                      # nnx.State of (model, optimizer), replicated on the mesh
+    data_sharding: NamedSharding
+    train_step: Callable
+    eval_step: Callable
+    num_params: int
+    lr: Callable                    # the learning-rate schedule (for the logs)
+
+
+def setup(config) -> Setup:
+    """Builds task, model, optimizer and the jitted steps; writes nothing to the workdir."""
     if config.train.distributed:
         jax.distributed.initialize()
     task = lra.get_task(config.data)
@@ -144,131 +141,196 @@ def setup(config, workdir: str | None = None):
     ndev = mesh.devices.size
     for field in ("batch_size", "eval_batch_size"):
         if config.data[field] % ndev:
-            raise ValueError(f"data.{field}={config.data[field]} must be divisible by the "
-                             f"number of devices ({ndev})")
+            raise ConfigError(f"data.{field}={config.data[field]} must be divisible by the "
+                              f"number of devices ({ndev})")
     model = build_model(config, num_classes=task.num_classes, vocab_size=task.vocab_size,
                         max_len=task.max_len, pair=task.pair, grid_shape=task.grid_shape,
                         seed=config.seed)
     opt = nnx.Optimizer(model, optim.optimizer(config.train), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
-    replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P("data"))
-    state = jax.device_put(state, replicated)
-    train_step = jax.jit(make_train_step(graphdef, config.seed), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef))
-    return dict(task=task, mesh=mesh, model=model, graphdef=graphdef, state=state,
-                replicated=replicated, data_sharding=data_sharding, train_step=train_step,
-                eval_step=eval_step, num_params=count_params(model),
-                lr=optim.schedule(config.train))
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    objective = config.train.get("objective", "classify")
+    return Setup(task=task, mesh=mesh, graphdef=graphdef, state=state,
+                 data_sharding=NamedSharding(mesh, P("data")),
+                 train_step=jax.jit(make_train_step(graphdef, config.seed, objective),
+                                    donate_argnums=0),
+                 eval_step=jax.jit(make_eval_step(graphdef, objective)),
+                 num_params=count_params(model), lr=optim.schedule(config.train))
 
+
+def trace_train_step(s: Setup, batch_size: int) -> None:
+    """Traces the train step on abstract inputs: a variant's hyperparameters and the shapes of
+    everything are checked (ValueError) without computing anything."""
+    example = s.task.splits["train"][0]
+    batch = {k: jax.ShapeDtypeStruct((batch_size,) + np.shape(v), np.asarray(v).dtype)
+             for k, v in example.items()}
+    jax.eval_shape(s.train_step, s.state, batch, jax.ShapeDtypeStruct((), jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# The workdir: run identity, restore with fall-back, config.json.
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, config, where: str) -> dict:
+    """{field: {"from", "to"}} of the safe fields that changed; ConfigError when any other field
+    differs, or a safe one does without train.change_on_resume=True. Fields the saved config
+    lacks (added to the code since) take their new values."""
+    old, new = _flat(saved), _flat(json.loads(config.to_json()))
+    diff = sorted(k for k in old if k in new and old[k] != new[k] and k not in FREE_FIELDS)
+    refused = [k for k in diff if k not in SAFE_FIELDS]
+    shown = lambda keys: ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in keys[:8])  # noqa: E731
+    if refused:
+        raise ConfigError(
+            f"{where} holds a run of another config (differs in {shown(refused)}"
+            f"{' ...' if len(refused) > 8 else ''}). Use a new --workdir, or the same config "
+            f"to resume.")
+    if diff and not new.get("train.change_on_resume", False):
+        raise ConfigError(
+            f"{where} holds this run with other training settings ({shown(diff)}). To continue "
+            f"it with the new values, add --config.train.change_on_resume=True (the change is "
+            f"recorded in metrics.jsonl); or use a new --workdir.")
+    return {k: {"from": old[k], "to": new[k]} for k in diff}
+
+
+@dataclasses.dataclass
+class Resume:
+    step: int = 0
+    best: dict = dataclasses.field(default_factory=lambda: {"accuracy": -1.0, "step": None})
+    changes: dict = dataclasses.field(default_factory=dict)
+    notes: list = dataclasses.field(default_factory=list)
+
+
+def _abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        nnx.to_pure_dict(state))
+
+
+def load_checkpoint(workdir: str, s: Setup) -> int:
+    """Restores the newest good checkpoint of a train.py workdir into s.state (read only: a
+    damaged newer one is skipped, not moved). Returns its step; ValueError if there is none."""
+    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"))
+    try:
+        restored = ckpt.restore_latest_good(_abstract(s.state))
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise ValueError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')!r}")
+    nnx.replace_by_pure_dict(s.state, restored.state)
+    return restored.step
+
+
+def open_workdir(config, workdir: str, s: Setup, ckpt: Checkpoints) -> Resume:
+    """Restores the newest good checkpoint into s.state (checking the run's identity against
+    it, or against config.json if there is none), sets damaged ones aside, writes config.json."""
+    config_path = os.path.join(workdir, "config.json")
+    resume = Resume()
+    check = lambda meta: resume.changes.update(  # noqa: E731
+        config_changes(meta["config"], config, f"workdir {workdir!r} (checkpoint config)"))
+    restored = ckpt.restore_latest_good(_abstract(s.state), check_meta=check)
+    if restored is None and os.path.exists(config_path):
+        with open(config_path) as f:
+            resume.changes = config_changes(json.load(f), config, f"workdir {workdir!r}")
+    if ckpt.removed_tmp:
+        resume.notes.append(f"removed unfinished checkpoint folders {ckpt.removed_tmp}")
+    if restored is not None:
+        nnx.replace_by_pure_dict(s.state, restored.state)
+        resume.step = int(restored.meta["data_position"])
+        resume.best = restored.meta.get("best", resume.best)
+        for (step, path, why), dest in zip(restored.damaged,
+                                           ckpt.set_aside([d[0] for d in restored.damaged])):
+            resume.notes.append(f"checkpoint {path} is damaged ({why}); moved to {dest}, "
+                                f"resuming from step {restored.step}")
+    os.makedirs(workdir, exist_ok=True)
+    write_json(config_path, json.loads(config.to_json()))
+    return resume
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains config in workdir (resuming from its latest checkpoint); returns results."""
-    check_workdir(workdir, config)
+    """Trains config in workdir (resuming from its newest good checkpoint); returns results."""
     t_start = time.time()
+    validate_config(config)
     s = setup(config)
-    task, state = s["task"], s["state"]
+    trace_train_step(s, config.data.batch_size)
     tcfg, dcfg = config.train, config.data
     ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
-    start = 0
-    best = {"accuracy": -1.0, "step": None}
-    latest = ckpt.latest_step()
-    if latest is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                               sharding=x.sharding),
-                                nnx.to_pure_dict(state))
-        restored, meta = ckpt.restore(latest, abstract)
-        nnx.replace_by_pure_dict(state, restored)
-        start = int(meta["data_position"])
-        best = meta.get("best", best)
-    writer = MetricsWriter(workdir, tcfg.steps, start)
+    try:
+        resume = open_workdir(config, workdir, s, ckpt)
+        writer = MetricsWriter(workdir, tcfg.steps, resume.step)
+        try:
+            results = _run(config, s, ckpt, writer, resume)
+        finally:
+            writer.close()
+    finally:
+        ckpt.close()
+    results.update(wall_time_sec=time.time() - t_start, environment=environment(),
+                   config=json.loads(config.to_json()))
+    write_json(os.path.join(workdir, "results.json"), results)
+    print(f"test accuracy {results['test_accuracy']:.4f} (majority class "
+          f"{results['test_majority_rate']:.4f}), best validation "
+          f"{results['best_val_accuracy']:.4f} at step {results['best_val_step']}", flush=True)
+    return results
+
+
+def _run(config, s: Setup, ckpt: Checkpoints, writer: MetricsWriter, resume: Resume) -> dict:
+    tcfg, dcfg, task = config.train, config.data, s.task
+    start, best, state = resume.step, resume.best, s.state
     writer.echo(f"task {task.name} ({task.info.get('origin', '')}), attention "
-                f"{config.attention.name}, {s['num_params']:,} params, devices "
+                f"{config.attention.name}, {s.num_params:,} params, devices "
                 f"{len(jax.devices())} x {jax.default_backend()}"
                 + (f", resumed at step {start}" if start else ""))
-
-    train_src = task.splits["train"]
-    batches = pipeline.train_batches(train_src, dcfg.batch_size, seed=config.seed,
+    for note in resume.notes:
+        writer.echo(note)
+    if resume.changes:
+        writer.write({"step": start, "split": "resume", "changes": resume.changes})
+    monitor = TrainMonitor(writer, s.lr, dcfg.batch_size,
+                           lambda: (ckpt.steps() or [None])[-1])
+    evaluate_on = lambda split, limit=None: evaluate(  # noqa: E731
+        s.eval_step, state, task.splits[split], dcfg.eval_batch_size, s.data_sharding,
+        limit=limit, workers=dcfg.workers)
+    batches = pipeline.train_batches(task.splits["train"], dcfg.batch_size, seed=config.seed,
                                      start_step=start, workers=dcfg.workers)
-    pending, t_log, steps_since = [], time.time(), 0
-
-    def check_and_log(step):
-        nonlocal pending, t_log, steps_since
-        if not pending:
-            return
-        rows = jax.device_get(pending)
-        for i, m in enumerate(rows):
-            if not bool(m["finite"]):
-                bad = step - len(rows) + i + 1
-                raise NonFiniteError(
-                    f"non-finite loss or gradient at step {bad} (loss {float(m['loss'])}, grad "
-                    f"norm {float(m['grad_norm'])}); the run is stopped, the last checkpoint is "
-                    f"from before it. Lower train.learning_rate or set train.grad_clip.")
-        dt = time.time() - t_log
-        row = {"step": step, "split": "train"}
-        for k in ("loss", "accuracy", "grad_norm", "param_norm"):
-            row[k] = float(np.mean([float(m[k]) for m in rows]))
-        row["learning_rate"] = float(s["lr"](step - 1))
-        row["steps_per_sec"] = steps_since / dt
-        row["examples_per_sec"] = steps_since * dcfg.batch_size / dt
-        writer.write(row)
-        pending, t_log, steps_since = [], time.time(), 0
-
-    def save(step):
-        meta = {"step": step, "data_position": step, "best": best,
-                "config": json.loads(config.to_json())}
-        ckpt.save(step, nnx.to_pure_dict(state), meta)
-
     step = start
-    try:
-        for step in range(start + 1, tcfg.steps + 1):
-            batch = jax.device_put(next(batches), s["data_sharding"])
-            state, metrics = s["train_step"](state, batch, jnp.asarray(step - 1, jnp.int32))
-            pending.append(metrics)
-            steps_since += 1
-            writer.advance(1)
-            last = step == tcfg.steps
-            if step % tcfg.log_every == 0 or last or step % tcfg.checkpoint_every == 0 \
-                    or step % tcfg.eval_every == 0:
-                check_and_log(step)
-            if step % tcfg.eval_every == 0 and not last:
-                ev = evaluate(s["eval_step"], state, task.splits["validation"],
-                              dcfg.eval_batch_size, s["data_sharding"],
-                              limit=tcfg.eval_examples or None, workers=dcfg.workers)
-                writer.write({"step": step, "split": "validation", **ev}, prefix="validation")
-                if ev["accuracy"] > best["accuracy"]:
-                    best = {"accuracy": ev["accuracy"], "step": step}
-            if step % tcfg.checkpoint_every == 0 or last:
-                save(step)
-            if pending == [] and steps_since == 0:
-                t_log = time.time()  # evals and saves do not count against steps/s
-        check_and_log(step)
-        final = {}
-        for split in ("validation", "test"):
-            final[split] = evaluate(s["eval_step"], state, task.splits[split],
-                                    dcfg.eval_batch_size, s["data_sharding"],
-                                    workers=dcfg.workers)
-            writer.write({"step": step, "split": split, **final[split]}, prefix=split)
-        if final["validation"]["accuracy"] > best["accuracy"]:
-            best = {"accuracy": final["validation"]["accuracy"], "step": step}
-    finally:
-        writer.close()
-        ckpt.close()
-    results = {
-        "task": task.name, "attention": config.attention.name, "steps": step,
-        "test_accuracy": final["test"]["accuracy"], "test_loss": final["test"]["loss"],
-        "validation_accuracy": final["validation"]["accuracy"],
-        "best_val_accuracy": best["accuracy"], "best_val_step": best["step"],
-        "test_majority_rate": task.majority_rate("test"),
-        "num_params": s["num_params"], "wall_time_sec": time.time() - t_start,
-        "task_info": task.info, "environment": environment(),
-        "config": json.loads(config.to_json()),
-    }
-    with open(os.path.join(workdir, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(os.path.join(workdir, "results.json.tmp"), os.path.join(workdir, "results.json"))
-    writer_echo = (f"test accuracy {results['test_accuracy']:.4f} (majority class "
-                   f"{results['test_majority_rate']:.4f}), best validation "
-                   f"{best['accuracy']:.4f} at step {best['step']}")
-    print(writer_echo, flush=True)
-    return results
+    for step in range(start + 1, tcfg.steps + 1):
+        batch = jax.device_put(next(batches), s.data_sharding)
+        state, metrics = s.train_step(state, batch, jnp.asarray(step - 1, jnp.int32))
+        monitor.add(metrics)
+        last = step == tcfg.steps
+        evaluating = step % tcfg.eval_every == 0 and not last
+        saving = step % tcfg.checkpoint_every == 0 or last
+        if step % tcfg.log_every == 0 or last or evaluating or saving:
+            monitor.check(step)
+        if evaluating:
+            ev = evaluate_on("validation", tcfg.eval_examples or None)
+            writer.write({"step": step, "split": "validation", **ev}, prefix="validation")
+            if ev["accuracy"] > best["accuracy"]:
+                best = {"accuracy": ev["accuracy"], "step": step}
+        if saving:
+            ckpt.save(step, nnx.to_pure_dict(state), {
+                "step": step, "data_position": step, "best": best,
+                "config": json.loads(config.to_json())})
+        if evaluating or saving:
+            monitor.restart_clock()
+    monitor.check(step)
+    final = {split: evaluate_on(split) for split in ("validation", "test")}
+    for split, ev in final.items():
+        writer.write({"step": step, "split": split, **ev}, prefix=split)
+    if final["validation"]["accuracy"] > best["accuracy"]:
+        best = {"accuracy": final["validation"]["accuracy"], "step": step}
+    return {"task": task.name, "attention": config.attention.name, "steps": step,
+            "test_accuracy": final["test"]["accuracy"], "test_loss": final["test"]["loss"],
+            "validation_accuracy": final["validation"]["accuracy"],
+            "best_val_accuracy": best["accuracy"], "best_val_step": best["step"],
+            "test_majority_rate": task.majority_rate("test"), "num_params": s.num_params,
+            "task_info": task.info}

@@ -34,9 +34,9 @@ def schedule(train) -> optax.Schedule:
 def optimizer(train) -> optax.GradientTransformation:
     """AdamW (decoupled weight decay scaled by the lr, as Flax's old optim.Adam did)."""
     lr = schedule(train)
-    parts = []
-    if train.grad_clip and train.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(train.grad_clip))
-    parts.append(optax.adamw(lr, b1=train.b1, b2=train.b2, eps=train.eps,
-                             weight_decay=train.weight_decay))
-    return optax.chain(*parts)
+    # The clip is always a link of the chain (identity when off), so the optimizer state has one
+    # structure and a run may be resumed with a clip turned on (train.change_on_resume).
+    clip = (optax.clip_by_global_norm(train.grad_clip) if train.grad_clip > 0
+            else optax.identity())
+    return optax.chain(clip, optax.adamw(lr, b1=train.b1, b2=train.b2, eps=train.eps,
+                                         weight_decay=train.weight_decay))

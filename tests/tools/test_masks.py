@@ -72,8 +72,8 @@ def _model(variant, window=None):
     for k, val in attention_overrides.items():
         config.attention[k] = val
     s = setup(config)
-    model, _ = nnx.merge(s["graphdef"], s["state"])
-    test = s["task"].splits["test"]
+    model, _ = nnx.merge(s.graphdef, s.state)
+    test = s.task.splits["test"]
     i = int(np.argmax([test[j]["mask"].sum() for j in range(16)]))  # a long example
     return model, test[i]
 
