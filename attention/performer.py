@@ -2,8 +2,14 @@
 kernel exp(q.k / sqrt(d)) estimated by positive random features
 phi(x) = exp(w_i . x' - |x'|^2 / 2) / sqrt(m), x' = x / d^(1/4), with orthogonal w_i (blocks of
 a QR-orthogonalised Gaussian, rows rescaled to chi-distributed norms); linear attention on top
-(attention/_kernels.py). Stabilised: a query's features are divided by their max over
-features, keys' by a max shared over real keys (causal: a running max), both cancelling.
+(attention/_kernels.py). Stabilised as the reference implementation (fast_attention.py): a
+query's features are divided by their max over features, keys' by the max over the real keys
+the query sees (causal: the running max up to its position, so no later key can move an
+earlier output at any scale), and both get a small additive constant NUMERICAL_STABILIZER
+(1e-6, the reference's `numerical_stabilizer`), so that at large |q|, |k| the denominator
+cannot underflow to zero (no zero rows, finite gradients). phi(k_j) for query i is thus
+exp(w . k_j' - |k_j'|^2 / 2 - ref_i) + 1e-6: the causal output at i equals the non-causal
+output on the prefix <= i.
 
 feature_map: "favor+" (default; the random projection is a buffer), "relu"
 (relu(w . x') + 1e-3, the original LRA code's default, which is not a softmax estimator), "exp"
@@ -22,6 +28,9 @@ from attention._util import check_causal, check_int, check_qkv
 NAME = "performer"
 FEATURE_MAPS = ("favor+", "relu", "exp")
 DEFAULTS = {"num_features": 256, "feature_map": "favor+", "chunk_size": 64}
+# Added to the stabilised exponential features (queries and keys), as the reference's
+# numerical_stabilizer: keeps every real query's denominator >= 1e-6 * (its max feature = 1).
+NUMERICAL_STABILIZER = 1e-6
 
 
 def _check(num_features, feature_map, chunk_size):
@@ -64,6 +73,14 @@ def _log_features(x, w):
     return jnp.einsum("...d,md->...m", x, w) - 0.5 * jnp.sum(x * x, -1, keepdims=True)
 
 
+def query_features(x, w):
+    """phi(q) up to a per-query factor (it cancels): exp(log phi - max over features) + 1e-6.
+    x [..., D] -> [..., M], every real query's largest feature exactly 1 + 1e-6."""
+    lq = _log_features(x, w)
+    return jnp.exp(lq - jax.lax.stop_gradient(jnp.max(lq, axis=-1, keepdims=True))) \
+        + NUMERICAL_STABILIZER
+
+
 @register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n)",
           doc="Choromanski et al. 2021 (Performer): FAVOR+ positive orthogonal random features",
           init_state=init_state)
@@ -88,8 +105,7 @@ def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features=256
         out = kernel_attention(qf + 1e-3, kf + 1e-3, vt, kv_mask, causal=causal,
                                chunk_size=chunk_size)
     else:
-        lq = _log_features(qt, w)                                  # [B, H, T, M]
-        qf = jnp.exp(lq - jax.lax.stop_gradient(jnp.max(lq, axis=-1, keepdims=True)))
-        out = kernel_attention(qf, _log_features(kt, w), vt, kv_mask, causal=causal,
-                               chunk_size=chunk_size, k_log=True)
+        out = kernel_attention(query_features(qt, w), _log_features(kt, w), vt, kv_mask,
+                               causal=causal, chunk_size=chunk_size, k_log=True,
+                               k_eps=NUMERICAL_STABILIZER)
     return jnp.swapaxes(out, 1, 2).astype(v.dtype)

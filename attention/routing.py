@@ -8,8 +8,14 @@ taken by several clusters merges them by log-sum-exp weights, a query taken by n
 Causal: top-w selection would let later tokens displace earlier ones, so each token goes to
 its nearest centroid and a query sees the last w keys of its cluster up to its position
 (sorted-order window, see _buckets).
+Local heads: as in the paper (and its reference code), a share of the heads are local-attention
+heads (sliding window abs(i - j) <= local_window, attention/local.py): the first
+ceil(local_head_fraction * heads) heads. A query no cluster picks gets zeros in a routing head
+(as in the reference), but every real query attends in the local heads, so none is left without
+attention (local_head_fraction=0 gives the all-routing variant). Centroids are kept for every
+head; the local heads' rows are unused and never updated.
 Cost with a fixed num_clusters: n^2 / num_clusters (the paper's O(n^1.5) takes
-num_clusters ~ sqrt(n)).
+num_clusters ~ sqrt(n): num_clusters="sqrt" gives round(sqrt(n)) clusters, n the static length).
 """
 
 from __future__ import annotations
@@ -18,16 +24,37 @@ import jax
 import jax.numpy as jnp
 
 from attention import register
+import math
+
 from attention._buckets import attend, sorted_chunk_attention
 from attention._util import NEG_INF, check_causal, check_float, check_int, check_qkv, scale
+from attention.local import local_attention
 
 NAME = "routing"
-DEFAULTS = {"num_clusters": 8, "ema_decay": 0.999}
+DEFAULTS = {"num_clusters": 8, "ema_decay": 0.999, "local_head_fraction": 0.5,
+            "local_window": 32}
 
 
-def _check(num_clusters, ema_decay):
-    check_int(NAME, "num_clusters", num_clusters, 1)
+def _check(num_clusters, ema_decay, local_head_fraction, local_window):
+    if num_clusters != "sqrt":
+        check_int(NAME, "num_clusters", num_clusters, 1)
     check_float(NAME, "ema_decay", ema_decay, 0.0, 1.0)
+    check_float(NAME, "local_head_fraction", local_head_fraction, 0.0, 1.0)
+    check_int(NAME, "local_window", local_window, 0)
+
+
+def num_clusters_for(num_clusters, length: int) -> int:
+    """The cluster count: an int as given, or "sqrt": round(sqrt(length)) (at least 1), the
+    paper's choice for O(n^1.5) cost. A ValueError names anything else."""
+    if num_clusters == "sqrt":
+        return max(1, round(math.sqrt(length)))
+    check_int(NAME, "num_clusters", num_clusters, 1)
+    return num_clusters
+
+
+def num_local_heads(num_heads: int, local_head_fraction: float) -> int:
+    """ceil(local_head_fraction * num_heads): the first heads, local attention."""
+    return min(num_heads, math.ceil(local_head_fraction * num_heads - 1e-9))
 
 
 def _unit(x):
@@ -36,21 +63,26 @@ def _unit(x):
 
 
 def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_clusters=8, ema_decay=0.999,
-               **unused):
-    """buffers: centroids [H, num_clusters, D], random unit vectors."""
-    del q_len, kv_len, unused
-    _check(num_clusters, ema_decay)
-    c = _unit(jax.random.normal(key, (num_heads, num_clusters, head_dim)))
+               local_head_fraction=0.5, local_window=32, **unused):
+    """buffers: centroids [H, num_clusters, D], random unit vectors ("sqrt": clusters for the
+    longest length, max(q_len, kv_len); shorter inputs use the first ones)."""
+    del unused
+    _check(num_clusters, ema_decay, local_head_fraction, local_window)
+    kc = num_clusters_for(num_clusters, max(q_len, kv_len))
+    c = _unit(jax.random.normal(key, (num_heads, kc, head_dim)))
     return {"params": {}, "buffers": {"centroids": c}}
 
 
-def update_buffers(buffers, q, k, *, kv_mask=None, num_clusters=8, ema_decay=0.999, **unused):
+def update_buffers(buffers, q, k, *, kv_mask=None, num_clusters=8, ema_decay=0.999,
+                   local_head_fraction=0.5, local_window=32, **unused):
     """One mini-batch k-means step: each centroid moves toward the mean of the real unit
     queries and keys nearest to it, mu <- decay * mu + (1 - decay) * mean, then renormalised.
-    A centroid with no assigned vector stays where it is."""
+    A centroid with no assigned vector, and every centroid of a local head, stays where it is."""
     del unused
-    _check(num_clusters, ema_decay)
-    mu = buffers["centroids"].astype(jnp.float32)                 # [H, K, D]
+    _check(num_clusters, ema_decay, local_head_fraction, local_window)
+    full = buffers["centroids"]
+    num_clusters = num_clusters_for(num_clusters, max(q.shape[1], k.shape[1]))
+    mu = full[:, :num_clusters].astype(jnp.float32)              # [H, K, D]
     x = jnp.concatenate([_unit(q), _unit(k)], axis=1)             # [B, Tq + Tk, H, D]
     if kv_mask is None:
         real = jnp.ones(x.shape[:2], bool)
@@ -63,25 +95,45 @@ def update_buffers(buffers, q, k, *, kv_mask=None, num_clusters=8, ema_decay=0.9
     counts = jnp.sum(onehot, axis=(0, 1))[..., None]               # [H, K, 1]
     mean = sums / jnp.maximum(counts, 1.0)
     new = jnp.where(counts > 0, ema_decay * mu + (1.0 - ema_decay) * mean, mu)
-    new = _unit(new).astype(buffers["centroids"].dtype)
-    return {**buffers, "centroids": new}
+    routed = jnp.arange(mu.shape[0]) >= num_local_heads(mu.shape[0], local_head_fraction)
+    new = jnp.where(routed[:, None, None], _unit(new), mu).astype(full.dtype)
+    return {**buffers, "centroids": full.at[:, :num_clusters].set(new)}
 
 
 @register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n^2/s)",
           doc="Roy et al. 2021 (Routing Transformer): k-means routed, balanced clusters",
           init_state=init_state, update_buffers=update_buffers)
 def routing_attention(q, k, v, *, kv_mask=None, causal=False, num_clusters=8, ema_decay=0.999,
-                      centroids=None):
+                      local_head_fraction=0.5, local_window=32, centroids=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; centroids [H, K, D] -> [B, Tq, H, Dv]."""
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
-    _check(num_clusters, ema_decay)
+    _check(num_clusters, ema_decay, local_head_fraction, local_window)
+    h, d = q.shape[2], q.shape[3]
+    kc = num_clusters_for(num_clusters, max(q.shape[1], k.shape[1]))
+    if (centroids is None or centroids.ndim != 3 or centroids.shape[0] != h
+            or centroids.shape[2] != d or centroids.shape[1] < kc
+            or (num_clusters != "sqrt" and centroids.shape[1] != kc)):
+        raise ValueError(f"{NAME}: centroids [heads, num_clusters, head_dim] = "
+                         f"{(h, kc, d)} required (from init_state); got "
+                         f"{None if centroids is None else tuple(centroids.shape)}")
+    nl = num_local_heads(h, local_head_fraction)
+    parts = []
+    if nl:
+        parts.append(local_attention(q[:, :, :nl], k[:, :, :nl], v[:, :, :nl], kv_mask=kv_mask,
+                                     causal=causal, window=local_window).astype(jnp.float32))
+    if nl < h:
+        parts.append(_routed(q[:, :, nl:], k[:, :, nl:], v[:, :, nl:], kv_mask, causal,
+                             centroids[nl:, :kc]))
+    return jnp.concatenate(parts, axis=2).astype(v.dtype)
+
+
+def _routed(q, k, v, kv_mask, causal, centroids):
+    """Routing heads: q [B, Tq, H', D]; k, v [B, Tk, H', D]; centroids [H', K, D] -> float32
+    [B, Tq, H', Dv]."""
     b, tq, h, d = q.shape
     tk = k.shape[1]
-    if centroids is None or tuple(centroids.shape) != (h, num_clusters, d):
-        raise ValueError(f"{NAME}: centroids [heads, num_clusters, head_dim] = "
-                         f"{(h, num_clusters, d)} required (from init_state); got "
-                         f"{None if centroids is None else tuple(centroids.shape)}")
+    num_clusters = centroids.shape[1]
     mu = _unit(jax.lax.stop_gradient(centroids))
     key_real = jnp.ones((b, tk), bool) if kv_mask is None else kv_mask
     query_real = key_real if tq == tk else jnp.ones((b, tq), bool)
@@ -110,7 +162,7 @@ def routing_attention(q, k, v, *, kv_mask=None, causal=False, num_clusters=8, em
             num_buckets=kc, chunk_size=width, causal=True, window=window,
             exclude_self=False, scale=scale(d))
         out = out[:, :, 0, :tq]                                    # [B, H, Tq, Dv]
-        return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+        return jnp.swapaxes(out, 1, 2)
 
     # Balanced clusters: top-w queries and top-w keys per centroid (padding scores last).
     wq, wk = -(-tq // kc), -(-tk // kc)
@@ -140,4 +192,4 @@ def routing_attention(q, k, v, *, kv_mask=None, causal=False, num_clusters=8, em
     num = jnp.zeros((b, h, tq, v.shape[-1])).at[bi, hi, iq].add(w[..., None] * o)
     den = jnp.zeros((b, h, tq)).at[bi, hi, iq].add(w)
     out = num / jnp.where(den == 0, 1.0, den)[..., None]
-    return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+    return jnp.swapaxes(out, 1, 2)

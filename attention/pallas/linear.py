@@ -10,10 +10,13 @@ dphi(Q) from the forward states, dphi(K) and dV from reverse-cumulative states o
 phi(Q)^T dnum (a reverse state pass), wired through jax.custom_vjp.
 
 Exponential key features given as logarithms (Performer's FAVOR+, `k_log=True`) are stabilised
-like attention/_kernels.py: non-causal against one max over real keys; causal against per-chunk
-maxima m_c and their running max M_c, so chunk b's keys enter query chunk a's sums with weight
-exp(m_b - M_a) <= 1. The state passes carry that rescaling (S_{c+1} = e^{M_{c-1} - M_c} S_c +
-e^{m_c - M_c} phi(K_c)^T V_c). The feature maps are the XLA variants' own, applied outside the
+like attention/_kernels.py, plus the constant k_eps: non-causal against one max over real keys;
+causal against the running max r_i of the keys up to position i, so nothing after a query enters
+its arithmetic: key j is given as exp(log_j - r_j), enters its own chunk's queries with the pair
+weight exp(r_j - r_i) <= 1 and the chunk state with exp(r_j - e_c) (e_c = r at the chunk's end);
+the state passes carry S_{c+1} = e^{e_{c-1} - e_c} S_c + (chunk c's sums), and query i takes
+the state with weight exp(e_{c-1} - r_i) <= 1. The k_eps part is prefix sums, outside the kernels.
+The feature maps are the XLA variants' own, applied outside the
 kernels, so both impls compute the same function; only the O(n) contractions run in Pallas.
 """
 
@@ -36,7 +39,7 @@ from attention.pallas.block_sparse import _pad_axis, _pow2_at_least, pick_block,
 class _Config:
     chunk: int
     causal: bool
-    scaled: bool          # per-chunk weights (k_log, causal): factor inputs are given
+    scaled: bool          # running-max weights (k_log, causal): factor inputs are given
     interpret: bool
     num_warps: int | None = None
     num_stages: int | None = None
@@ -61,8 +64,8 @@ def _tril(c: int):
 def _state_kernel(a_ref, b_ref, *refs, cfg: _Config, weighted: bool, reverse: bool):
     """Chunk states of sum_rows a^T b ([F, Dv]) and sum_rows w a ([F]).
 
-    a_ref: [T, F]; b_ref: [T, Dv]; w_ref: [T] when weighted (else w = 1); decay_ref, gain_ref:
-    [NC] when cfg.scaled (else 1): state <- decay[c] * state + gain[c] * (chunk c's sums).
+    a_ref: [T, F]; b_ref: [T, Dv]; w_ref: [T] when weighted (else w = 1); decay_ref: [NC] when
+    cfg.scaled (else 1): state <- decay[c] * state + (chunk c's sums).
     causal: s_ref [NC, F, Dv], z_ref [NC, F] get, per chunk, the state before the chunk is
     added (the sum over the earlier chunks; the later ones when reverse). Non-causal: s_ref
     [1, F, Dv], z_ref [1, F] get the total.
@@ -70,7 +73,6 @@ def _state_kernel(a_ref, b_ref, *refs, cfg: _Config, weighted: bool, reverse: bo
     refs = list(refs)
     w_ref = refs.pop(0) if weighted else None
     decay_ref = refs.pop(0) if cfg.scaled else None
-    gain_ref = refs.pop(0) if (cfg.scaled and not reverse) else None
     s_ref, z_ref = refs
     c = cfg.chunk
     num_chunks = a_ref.shape[0] // c
@@ -91,8 +93,6 @@ def _state_kernel(a_ref, b_ref, *refs, cfg: _Config, weighted: bool, reverse: bo
         dz = jnp.sum(af, axis=0)
         if decay_ref is not None:
             s, z = s * decay_ref[ci], z * decay_ref[ci]
-        if gain_ref is not None:
-            ds, dz = ds * gain_ref[ci], dz * gain_ref[ci]
         return s + ds, z + dz
 
     init = (jnp.zeros(s_ref.shape[1:], jnp.float32), jnp.zeros(z_ref.shape[1:], jnp.float32))
@@ -103,8 +103,8 @@ def _state_kernel(a_ref, b_ref, *refs, cfg: _Config, weighted: bool, reverse: bo
 
 
 def _states(cfg: _Config, a, b, w=None, factors=(), *, reverse=False):
-    """a: [B, T, H, F]; b: [B, T, H, Dv]; w: [B, H, T] or None; factors: [B, H, NC] arrays
-    (decay, and gain unless reverse) when cfg.scaled.
+    """a: [B, T, H, F]; b: [B, T, H, Dv]; w: [B, H, T] or None; factors: (decay [B, H, NC],)
+    when cfg.scaled.
     -> (S [B, H, NC', F, Dv], z [B, H, NC', F]) float32, NC' = T / chunk (causal) or 1."""
     batch, t, heads, f = a.shape
     dv = b.shape[-1]
@@ -153,16 +153,14 @@ def _row_spec(cfg: _Config):
     return pl.BlockSpec((None, None, cfg.chunk), lambda ci, b, h: (b, h, ci))  # [B, H, T]
 
 
-def _factor_specs(factors):
-    return [pl.BlockSpec((None, None, x.shape[-1]), lambda ci, b, h: (b, h, 0)) for x in factors]
-
-
-def _weights(cfg: _Config, prev_ref, own_ref):
-    """(weight of the carried state, weight of the own chunk) for this program's chunk."""
-    if not cfg.scaled:
-        return None, None
-    ci = pl.program_id(0)
-    return prev_ref[ci], own_ref[ci]
+def _pair(cfg: _Config, ref_ref):
+    """[C, C] weights of key j for query i in one chunk: tril, times exp(r_j - r_i) <= 1 when
+    cfg.scaled (r: running max of the key logs, [C])."""
+    tril = _tril(cfg.chunk)
+    if ref_ref is None:
+        return jnp.where(tril, 1.0, 0.0)
+    r = ref_ref[...]
+    return jnp.where(tril, jnp.exp(jnp.minimum(r[None, :] - r[:, None], 0.0)), 0.0)
 
 
 # ---------------------------------------------------------------------------- chunk kernels
@@ -170,61 +168,55 @@ def _weights(cfg: _Config, prev_ref, own_ref):
 
 def _out_kernel(q_ref, k_ref, v_ref, s_ref, z_ref, *refs, cfg: _Config):
     # q_ref, k_ref: [C, F]; v_ref: [C, Dv]; s_ref: [F, Dv]; z_ref: [F] -> num [C, Dv], den [C]
-    prev_ref, own_ref, num_ref, den_ref = refs if cfg.scaled else (None, None) + refs
-    prev, own = _weights(cfg, prev_ref, own_ref)
+    # scaled: wp_ref [C] (weight of the carried state per query), ref_ref [C] (running max)
+    wp_ref, ref_ref, num_ref, den_ref = refs if cfg.scaled else (None, None) + refs
     q = q_ref[...]
     num = plgpu.dot(q, s_ref[...].astype(q.dtype))
     den = jnp.sum(q.astype(jnp.float32) * z_ref[...][None, :], axis=1)
-    if prev is not None:
-        num, den = num * prev, den * prev
+    if wp_ref is not None:
+        wp = wp_ref[...]
+        num, den = num * wp[:, None], den * wp
     if cfg.causal:
-        a = jnp.where(_tril(cfg.chunk), plgpu.dot(q, k_ref[...], trans_b=True), 0.0)  # [C, C]
-        n_in = plgpu.dot(a.astype(v_ref.dtype), v_ref[...])
-        d_in = jnp.sum(a, axis=1)
-        if own is not None:
-            n_in, d_in = n_in * own, d_in * own
-        num, den = num + n_in, den + d_in
+        a = plgpu.dot(q, k_ref[...], trans_b=True) * _pair(cfg, ref_ref)  # [C, C]
+        num = num + plgpu.dot(a.astype(v_ref.dtype), v_ref[...])
+        den = den + jnp.sum(a, axis=1)
     num_ref[...] = num
     den_ref[...] = den
 
 
 def _dq_kernel(dn_ref, dd_ref, k_ref, v_ref, s_ref, z_ref, *refs, cfg: _Config):
     # dphi(q)_i = S_i dnum_i + dden_i z_i (+ intra-chunk sum_{j<=i} (dnum_i.v_j + dden_i) phi(k)_j)
-    prev_ref, own_ref, dq_ref = refs if cfg.scaled else (None, None) + refs
-    prev, own = _weights(cfg, prev_ref, own_ref)
+    wp_ref, ref_ref, dq_ref = refs if cfg.scaled else (None, None) + refs
     dn, dd = dn_ref[...], dd_ref[...]  # [C, Dv], [C]
     dq = plgpu.dot(dn, s_ref[...].astype(dn.dtype), trans_b=True)  # [C, F]
     dq = dq + dd[:, None] * z_ref[...][None, :]
-    if prev is not None:
-        dq = dq * prev
+    if wp_ref is not None:
+        dq = dq * wp_ref[...][:, None]
     if cfg.causal:
-        m = plgpu.dot(dn, v_ref[...], trans_b=True) + dd[:, None]  # [C, C]
-        m = jnp.where(_tril(cfg.chunk), m, 0.0)
-        d_in = plgpu.dot(m.astype(k_ref.dtype), k_ref[...])
-        dq = dq + (d_in * own if own is not None else d_in)
+        m = (plgpu.dot(dn, v_ref[...], trans_b=True) + dd[:, None]) * _pair(cfg, ref_ref)
+        dq = dq + plgpu.dot(m.astype(k_ref.dtype), k_ref[...])
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, dn_ref, dd_ref, r_ref, rz_ref, *refs, cfg: _Config):
     # R_c, r_c: sums over the queries after chunk c (all queries when non-causal) of
     # phi(q) dnum^T and dden phi(q). dphi(k)_j = R v_j + r (+ intra), dv_j = R^T phi(k)_j (+ intra).
-    prev_ref, own_ref, dk_ref, dv_ref = refs if cfg.scaled else (None, None) + refs
-    prev, own = _weights(cfg, prev_ref, own_ref)
+    # scaled: g_ref [C] (weight of key j in its chunk's state), ref_ref [C] (running max).
+    g_ref, ref_ref, dk_ref, dv_ref = refs if cfg.scaled else (None, None) + refs
     k, v = k_ref[...], v_ref[...]
     r = r_ref[...].astype(k.dtype)  # [F, Dv]
     dk = plgpu.dot(v, r, trans_b=True) + rz_ref[...][None, :]  # [C, F]
     dv = plgpu.dot(k, r)  # [C, Dv]
-    if prev is not None:
-        dk, dv = dk * prev, dv * prev
+    if g_ref is not None:
+        g = g_ref[...][:, None]
+        dk, dv = dk * g, dv * g
     if cfg.causal:
         q, dn, dd = q_ref[...], dn_ref[...], dd_ref[...]
-        tril = _tril(cfg.chunk)
-        m = jnp.where(tril, plgpu.dot(dn, v, trans_b=True) + dd[:, None], 0.0)  # [Ci, Cj]
+        pair = _pair(cfg, ref_ref)
+        m = (plgpu.dot(dn, v, trans_b=True) + dd[:, None]) * pair  # [Ci, Cj]
         dk_in = plgpu.dot(m.astype(q.dtype), q, trans_a=True)
-        a = jnp.where(tril, plgpu.dot(q, k, trans_b=True), 0.0)  # [Ci, Cj]
+        a = plgpu.dot(q, k, trans_b=True) * pair  # [Ci, Cj]
         dv_in = plgpu.dot(a.astype(dn.dtype), dn, trans_a=True)
-        if own is not None:
-            dk_in, dv_in = dk_in * own, dv_in * own
         dk, dv = dk + dk_in, dv + dv_in
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -237,51 +229,65 @@ def _grid(cfg, q):
 def _forward(cfg: _Config, q, k, v, factors):
     batch, t, heads, f = q.shape
     dv = v.shape[-1]
-    fwd = (factors["f_decay"], factors["f_gain"]) if cfg.scaled else ()
-    s, z = _states(cfg, k, v, None, fwd)
+    s, z = _forward_states(cfg, k, v, factors)
+    rows = (factors["wp"], factors["ref"]) if cfg.scaled else ()
     return pl.pallas_call(
         functools.partial(_out_kernel, cfg=cfg),
         grid=_grid(cfg, q),
-        in_specs=_chunk_specs(cfg, f, f, dv) + _state_specs(cfg, f, dv) + _factor_specs(fwd),
+        in_specs=_chunk_specs(cfg, f, f, dv) + _state_specs(cfg, f, dv)
+        + [_row_spec(cfg)] * len(rows),
         out_specs=[_chunk_specs(cfg, dv)[0], _row_spec(cfg)],
         out_shape=[jax.ShapeDtypeStruct((batch, t, heads, dv), jnp.float32),
                    jax.ShapeDtypeStruct((batch, heads, t), jnp.float32)],
         compiler_params=_params(cfg, f, dv),
         interpret=cfg.interpret,
         name="linear_attention_out",
-    )(q, k, v, s, z, *fwd)
+    )(q, k, v, s, z, *rows)
+
+
+def _forward_states(cfg: _Config, k, v, factors):
+    """Chunk states of the keys; scaled: key j weighted by g_j into its chunk's state."""
+    if not cfg.scaled:
+        return _states(cfg, k, v)
+    g = jnp.swapaxes(factors["g"], 1, 2)[..., None].astype(k.dtype)  # [B, T, H, 1]
+    return _states(cfg, k * g, v, None, (factors["decay"],))
 
 
 def _backward(cfg: _Config, q, k, v, factors, dnum, dden):
     f, dv = q.shape[-1], v.shape[-1]
-    fwd = (factors["f_decay"], factors["f_gain"]) if cfg.scaled else ()
-    s, z = _states(cfg, k, v, None, fwd)  # recomputed: the O(n / C) states are not kept
+    s, z = _forward_states(cfg, k, v, factors)  # recomputed: the O(n / C) states are not kept
+    rows = (factors["wp"], factors["ref"]) if cfg.scaled else ()
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=_grid(cfg, q),
         in_specs=_chunk_specs(cfg, dv) + [_row_spec(cfg)] + _chunk_specs(cfg, f, dv)
-        + _state_specs(cfg, f, dv) + _factor_specs(fwd),
+        + _state_specs(cfg, f, dv) + [_row_spec(cfg)] * len(rows),
         out_specs=_chunk_specs(cfg, f)[0],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(cfg, f, dv),
         interpret=cfg.interpret,
         name="linear_attention_dq",
-    )(dnum, dden, k, v, s, z, *fwd)
-    rev = (factors["r_decay"],) if cfg.scaled else ()
-    r, rz = _states(cfg, q, dnum, dden, rev, reverse=True)
-    own = (factors["r_out"], factors["f_gain"]) if cfg.scaled else ()
+    )(dnum, dden, k, v, s, z, *rows)
+    if cfg.scaled:  # the queries' state weights wp enter the reverse sums
+        wp = factors["wp"]                                       # [B, H, T]
+        r, rz = _states(cfg, q, dnum * jnp.swapaxes(wp, 1, 2)[..., None].astype(dnum.dtype),
+                        dden * wp, (factors["decay"],), reverse=True)
+        rows = (factors["g"], factors["ref"])
+    else:
+        r, rz = _states(cfg, q, dnum, dden, reverse=True)
+        rows = ()
     dk, dv_ = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
         grid=_grid(cfg, q),
         in_specs=_chunk_specs(cfg, f, f, dv, dv) + [_row_spec(cfg)] + _state_specs(cfg, f, dv)
-        + _factor_specs(own),
+        + [_row_spec(cfg)] * len(rows),
         out_specs=_chunk_specs(cfg, f, dv),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(cfg, f, dv),
         interpret=cfg.interpret,
         name="linear_attention_dkv",
-    )(q, k, v, dnum, dden, r, rz, *own)
+    )(q, k, v, dnum, dden, r, rz, *rows)
     return dq, dk, dv_
 
 
@@ -305,29 +311,31 @@ def _sums_bwd(cfg, res, cotangents):
 _sums.defvjp(_sums_fwd, _sums_bwd)
 
 
-def _chunk_factors(chunk_max):
-    """Weights of the rescaled state passes from per-chunk key maxima m [B, H, NC] (constants).
-
-    M = running max. Forward: S_{c+1} = f_decay[c] S_c + f_gain[c] X_c with f_decay =
-    e^{M_{c-1} - M_c}, f_gain = e^{m_c - M_c}; reverse: T_{c-1} = r_decay[c] T_c + X'_c with
-    r_decay = e^{M_c - M_{c+1}}; chunk c's keys take the reverse state with r_out =
-    e^{m_c - M_{c+1}}. All exponents are <= 0.
-    """
-    m = jax.lax.stop_gradient(chunk_max)
-    top = jax.lax.cummax(m, axis=m.ndim - 1)
-    prev = jnp.concatenate([jnp.full_like(top[..., :1], NEG_INF), top[..., :-1]], axis=-1)
-    nxt = jnp.concatenate([top[..., 1:], top[..., -1:]], axis=-1)
-    return {"f_decay": jnp.exp(prev - top), "f_gain": jnp.exp(m - top),
-            "r_decay": jnp.exp(top - nxt), "r_out": jnp.exp(m - nxt)}
+def _running_max_factors(ref, chunk: int):
+    """Weights of the causal k_log path from the running max r [B, H, T] of the key logs
+    (constants; every exponent <= 0). e_c = r at the end of chunk c.
+    decay [B, H, NC] = e^{e_{c-1} - e_c} (both state passes); wp [B, H, T] = e^{e_{c-1} - r_i}
+    (query i's weight on the carried state); g [B, H, T] = e^{r_j - e_c} (key j into its
+    chunk's state); ref = r (pair weights e^{r_j - r_i} inside a chunk)."""
+    ref = jax.lax.stop_gradient(ref)
+    b, h, t = ref.shape
+    rc = ref.reshape(b, h, t // chunk, chunk)
+    end = rc[..., -1]                                                # [B, H, NC]
+    prev = jnp.concatenate([jnp.full_like(end[..., :1], NEG_INF), end[..., :-1]], axis=-1)
+    return {"decay": jnp.exp(prev - end),
+            "wp": jnp.exp(prev[..., None] - rc).reshape(b, h, t),
+            "g": jnp.exp(rc - end[..., None]).reshape(b, h, t),
+            "ref": ref}
 
 
 def kernel_attention(qf, kf, v, kv_mask=None, *, causal: bool, k_log: bool = False,
-                     block_t: int | None = None, interpret: bool = False, num_warps=None,
-                     num_stages=None):
+                     k_eps: float = 0.0, block_t: int | None = None, interpret: bool = False,
+                     num_warps=None, num_stages=None):
     """Linear attention given feature maps, as attention/_kernels.kernel_attention, in Pallas.
 
     qf: [B, Tq, H, F] positive query features; kf: [B, Tk, H, F] positive key features, or
-    their logarithms with k_log=True; v: [B, Tk, H, Dv]; kv_mask: bool [B, Tk].
+    their logarithms with k_log=True (then exp(log - ref_i) + k_eps, ref_i the max over the
+    real keys query i sees); v: [B, Tk, H, Dv]; kv_mask: bool [B, Tk].
     -> float32 [B, Tq, H, Dv]; zeros for a query with no visible key. block_t: chunk rows.
     """
     batch, q_len, heads, f = qf.shape
@@ -345,15 +353,13 @@ def kernel_attention(qf, kf, v, kv_mask=None, *, causal: bool, k_log: bool = Fal
     factors = {}
     if k_log:
         kf = jnp.where(mask, kf, NEG_INF)
-        if causal:  # per-chunk maxima over real keys, [B, H, NC]
-            kc = kf.reshape(batch, t // chunk, chunk, heads, f)
-            chunk_max = jnp.moveaxis(jnp.max(kc, axis=(2, 4)), 1, 2)
-            factors = _chunk_factors(chunk_max)
-            kmax = jnp.repeat(jnp.moveaxis(jax.lax.stop_gradient(chunk_max), 2, 1), chunk,
-                              axis=1)[..., None]  # [B, T, H, 1]
+        if causal:  # running max over real keys up to each position, [B, H, T]
+            ref = jax.lax.cummax(jnp.swapaxes(jnp.max(kf, axis=3), 1, 2), axis=2)
+            factors = _running_max_factors(ref, chunk)
+            kf = jnp.exp(kf - jnp.swapaxes(factors["ref"], 1, 2)[..., None])
         else:
-            kmax = jax.lax.stop_gradient(jnp.max(kf, axis=(1, 3), keepdims=True))
-        kf = jnp.exp(kf - kmax)
+            kf = jnp.exp(kf - jax.lax.stop_gradient(jnp.max(kf, axis=(1, 3), keepdims=True)))
+            kf = kf + k_eps
     kf = jnp.where(mask, kf, 0.0)
     dtype = v.dtype  # features enter the kernels' dots in the input precision
     fp, dvp = _pow2_at_least(f), _pow2_at_least(dv)
@@ -365,6 +371,12 @@ def kernel_attention(qf, kf, v, kv_mask=None, *, causal: bool, k_log: bool = Fal
     num, den = _sums(cfg, pq, pk, pv, factors)  # [B, T, H, Dv'] f32, [B, H, T] f32
     num = num[:, :q_len, :, :dv]
     den = jnp.swapaxes(den, 1, 2)[:, :q_len]
+    if scaled and k_eps:  # k_eps * phi(q_i) . 1 times the prefix sums of v and of the count
+        real = mask[:, :q_len, :, 0]                                 # [B, T, 1]
+        qsum = k_eps * jnp.sum(qf.astype(jnp.float32), axis=-1)      # [B, T, H]
+        num = num + qsum[..., None] * jnp.cumsum(
+            jnp.where(real[..., None], v.astype(jnp.float32), 0.0), axis=1)
+        den = den + qsum * jnp.cumsum(real.astype(jnp.float32), axis=1)
     return num / jnp.where(den == 0, 1.0, den)[..., None]
 
 
@@ -413,7 +425,6 @@ def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features=256
         proj = lambda x: jnp.einsum("bthd,md->bthm", x.astype(jnp.float32) * d ** -0.25, w)  # noqa
         out = run(jax.nn.relu(proj(q)) + 1e-3, jax.nn.relu(proj(k)) + 1e-3)
     else:
-        lq = xla._log_features(q, w)
-        qf = jnp.exp(lq - jax.lax.stop_gradient(jnp.max(lq, axis=-1, keepdims=True)))
-        out = run(qf, xla._log_features(k, w), k_log=True)
+        out = run(xla.query_features(q, w), xla._log_features(k, w), k_log=True,
+                  k_eps=xla.NUMERICAL_STABILIZER)
     return out.astype(v.dtype)

@@ -28,7 +28,8 @@ FIXED_PATTERN_CASES: dict[str, dict] = {
 # attention part 2 (learned / low-rank / kernels) adds its entries here.
 LEARNED_CASES: dict[str, dict] = {
     "lsh": {"num_hashes": 2, "num_buckets": 4, "chunk_size": 8, "shared_qk": True},
-    "routing": {"num_clusters": 4, "ema_decay": 0.9},
+    "routing": {"num_clusters": 4, "ema_decay": 0.9, "local_head_fraction": 0.5,
+                "local_window": 3},
     "sinkhorn": {"block_size": 8, "sinkhorn_iters": 3, "temperature": 0.75},
     "linformer": {"proj_dim": 8},
     "nystrom": {"num_landmarks": 4, "pinv_iters": 6},

@@ -105,10 +105,46 @@ def test_lsh_buckets_restrict_attention(qkv):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_routing_one_cluster_is_dense(qkv, causal):
+    """One cluster (routing head) and a window covering the sequence (local head): dense."""
     q, k, v = qkv
-    hp = dict(num_clusters=1, ema_decay=0.9)
+    hp = dict(num_clusters=1, ema_decay=0.9, local_head_fraction=0.5, local_window=T)
     close(call("routing", q, k, v, state("routing", **hp), causal=causal, **hp),
           dense(q, k, v, MASK, causal))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_routing_local_heads_are_local_attention(qkv, causal):
+    """The first ceil(fraction * H) heads are local attention, the others routing heads that
+    compute what the all-routing variant computes on them."""
+    q, k, v = qkv
+    hp = dict(num_clusters=4, ema_decay=0.9, local_window=2)
+    st = state("routing", **hp)
+    out = call("routing", q, k, v, st, causal=causal, local_head_fraction=0.5, **hp)
+    local = call("local", q, k, v, causal=causal, window=2)
+    routed = call("routing", q, k, v, st, causal=causal, local_head_fraction=0.0, **hp)
+    close(out[:, :, :1], local[:, :, :1])
+    close(out[:, :, 1:], routed[:, :, 1:])
+    assert np.abs(real(routed[:, :, :1]) - real(local[:, :, :1])).max() > 1e-2
+
+
+def test_routing_defaults_leave_no_real_query_without_attention():
+    """Non-causal balanced clusters leave ~1/3 of (token, head) outputs exactly zero (queries
+    no cluster picks, as in the reference code). With the default share of local heads under
+    1% of real queries (tokens) get zeros in every head; all-routing heads leave many more."""
+    b, t, h, d = 2, 128, 2, 8
+    ks = jax.random.split(jax.random.key(8), 3)
+    q, k, v = (jax.random.normal(kk, (b, t, h, d)) for kk in ks)
+    mask = jnp.arange(t)[None] < jnp.array([[t], [100]])
+    real_q = np.asarray(mask)
+    fractions = {}
+    for share in (None, 0.0):
+        hp = {} if share is None else dict(local_head_fraction=share)
+        st = state("routing", length=t, **hp)
+        out = np.asarray(call("routing", q, k, v, st, mask=mask, **hp))
+        dead = np.all(out == 0, axis=-1)                       # [B, T, H]
+        fractions[share] = (np.all(dead, -1)[real_q].mean(), dead[real_q].mean())
+    assert fractions[None][0] < 0.01, fractions
+    assert fractions[0.0][0] > 0.05 and fractions[0.0][1] > 0.2, fractions
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -161,20 +197,103 @@ def test_causal_linear_is_quadratic_masked_form(qkv, chunk_size):
     close(out, _quadratic_kernel(elu_feature(q), elu_feature(k), v, MASK), atol=1e-5)
 
 
+def _favor_reference(q, k, v, w, mask, causal):
+    """FAVOR+ with the reference's stabiliser, numpy float64: phi(q_i) = exp(l_q - max_m l_q) +
+    eps; key j enters query i as exp(l_k,j - ref_i) + eps, ref_i the max of the key logs over the
+    real keys query i sees (causal: positions <= i). l_x = w . x' - |x'|^2 / 2."""
+    from attention.performer import NUMERICAL_STABILIZER as eps
+
+    q, k, v, w = (np.asarray(x, np.float64) for x in (q, k, v, w))
+    mask = np.asarray(mask)
+    t = q.shape[1]
+
+    def logs(x):
+        x = x * x.shape[-1] ** -0.25
+        return np.einsum("bthd,md->bthm", x, w) - 0.5 * np.sum(x * x, -1, keepdims=True)
+
+    lq, lk = logs(q), logs(k)
+    qf = np.exp(lq - lq.max(-1, keepdims=True)) + eps                    # [B, T, H, M]
+    visible = mask[:, None, :] & (np.tril(np.ones((t, t), bool)) if causal else True)
+    lkm = np.where(mask[:, :, None, None], lk, -np.inf).max(-1)          # [B, Tk, H]
+    ref = np.max(np.where(visible[:, :, :, None], lkm[:, None], -np.inf), axis=2)  # [B, Tq, H]
+    with np.errstate(over="ignore"):   # invisible keys may overflow; they are masked
+        kf = np.exp(lk[:, None] - ref[:, :, None, :, None]) + eps        # [B, Tq, Tk, H, M]
+    kf = np.where(visible[..., None, None], kf, 0.0)
+    s = np.einsum("bqhm,bqkhm->bhqk", qf, kf)
+    den = s.sum(-1)
+    out = np.einsum("bhqk,bkhd->bqhd", s, v) / np.where(den == 0, 1, den).transpose(0, 2, 1)[
+        ..., None]
+    return out
+
+
 @pytest.mark.parametrize("feature_map", ["favor+", "exp", "relu"])
 def test_causal_performer_is_quadratic_masked_form(qkv, feature_map):
     q, k, v = qkv
     hp = dict(num_features=32, feature_map=feature_map, chunk_size=5)
     st = state("performer", **hp)
     w = {**st["params"], **st["buffers"]}["projection"]
-    x = lambda y: y * D ** -0.25  # noqa: E731
-    if feature_map == "relu":
-        phi = lambda y: jax.nn.relu(jnp.einsum("bthd,md->bthm", x(y), w)) + 1e-3  # noqa: E731
-    else:
-        phi = lambda y: jnp.exp(jnp.einsum("bthd,md->bthm", x(y), w)  # noqa: E731
-                                - 0.5 * jnp.sum(x(y) ** 2, -1, keepdims=True))
     out = call("performer", q, k, v, st, causal=True, **hp)
-    close(out, _quadratic_kernel(phi(q), phi(k), v, MASK), atol=1e-4)
+    if feature_map == "relu":
+        x = lambda y: y * D ** -0.25  # noqa: E731
+        phi = lambda y: jax.nn.relu(jnp.einsum("bthd,md->bthm", x(y), w)) + 1e-3  # noqa: E731
+        close(out, _quadratic_kernel(phi(q), phi(k), v, MASK), atol=1e-4)
+    else:
+        close(out, _favor_reference(q, k, v, w, MASK, causal=True), atol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _performer_value_and_grad(causal):
+    def f(q, k, v, projection):
+        return attention.get("performer")(q, k, v, causal=causal, projection=projection)
+    loss = lambda *a: jnp.sum(f(*a) ** 2)  # noqa: E731
+    return jax.jit(f), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_large_inputs_finite_no_zero_rows(causal):
+    """q, k ~ N(0, 1) * 10 and * 30 (T 64, H 2, D 16, 256 features): without the reference's
+    numerical stabiliser the denominators underflow (thousands of non-finite gradient entries
+    at * 10, all-zero output rows at * 30). Outputs match the float64 stabilised form."""
+    t, h, d = 64, 2, 16
+    ks = jax.random.split(jax.random.key(3), 3)
+    w = attention.get("performer").init_state(jax.random.key(4), q_len=t, kv_len=t,
+                                              num_heads=h, head_dim=d)["buffers"]["projection"]
+    fwd, grad = _performer_value_and_grad(causal)
+    v = jax.random.normal(ks[2], (1, t, h, d))
+    for scale in (10.0, 30.0):
+        q, k = (jax.random.normal(kk, (1, t, h, d)) * scale for kk in ks[:2])
+        out = np.asarray(fwd(q, k, v, w))
+        assert np.isfinite(out).all(), scale
+        assert not np.any(np.all(out == 0, axis=-1)), scale
+        ref = _favor_reference(q, k, v, w, np.ones((1, t), bool), causal)
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-3)
+        for g in grad(q, k, v, w):
+            assert np.isfinite(np.asarray(g)).all(), scale
+
+
+def test_causal_performer_ignores_later_keys_at_every_scale():
+    """Changing keys and values after position 9 leaves outputs 0..8 unchanged at scales 1, 10
+    and 30 (a chunk-wide key maximum let key 9 move them by ~2 in the underflow regime), and
+    the causal output at i is the non-causal one on the prefix <= i."""
+    t, h, d = 32, 2, 16
+    ks = jax.random.split(jax.random.key(5), 5)
+    w = attention.get("performer").init_state(jax.random.key(6), q_len=t, kv_len=t,
+                                              num_heads=h, head_dim=d)["buffers"]["projection"]
+    causal, _ = _performer_value_and_grad(True)
+    plain, _ = _performer_value_and_grad(False)
+    v = jax.random.normal(ks[2], (1, t, h, d))
+    later = jnp.arange(t)[None, :, None, None] >= 9
+    for scale in (1.0, 10.0, 30.0):
+        q, k = (jax.random.normal(kk, (1, t, h, d)) * scale for kk in ks[:2])
+        k2 = jnp.where(later, jax.random.normal(ks[3], k.shape) * 3 * scale, k)
+        v2 = jnp.where(later, jax.random.normal(ks[4], v.shape) * 10, v)
+        a, b = np.asarray(causal(q, k, v, w)), np.asarray(causal(q, k2, v2, w))
+        np.testing.assert_allclose(b[:, :9], a[:, :9], atol=1e-6, rtol=1e-6)
+        assert np.abs(b[:, 9:] - a[:, 9:]).max() > 1e-2   # later outputs do see the change
+        i = 20
+        prefix = jax.jit(lambda q, k, v, w, m: attention.get("performer")(
+            q, k, v, kv_mask=m, projection=w))(q, k, v, w, jnp.arange(t)[None] <= i)
+        np.testing.assert_allclose(a[:, i], np.asarray(prefix)[:, i], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -302,7 +421,7 @@ def test_routing_centroids_move_toward_data():
     """Data in 3 tight directions: EMA k-means updates bring the centroids closer to them;
     padded tokens (huge values) do not move anything."""
     variant = attention.get("routing")
-    hp = dict(num_clusters=3, ema_decay=0.5)
+    hp = dict(num_clusters=3, ema_decay=0.5, local_head_fraction=0.0)
     st = state("routing", key=1, **hp)
     dirs = jax.random.normal(jax.random.key(4), (H, 3, D))
     dirs = dirs / jnp.linalg.norm(dirs, axis=-1, keepdims=True)
@@ -326,6 +445,15 @@ def test_routing_centroids_move_toward_data():
     after = distance(buffers["centroids"])
     assert after < before / 2, (before, after)
     np.testing.assert_allclose(jnp.linalg.norm(buffers["centroids"], axis=-1), 1, atol=1e-5)
+
+
+def test_routing_local_heads_keep_their_centroids():
+    hp = dict(num_clusters=3, ema_decay=0.5, local_head_fraction=0.5)
+    st = state("routing", key=1, **hp)
+    x = jax.random.normal(jax.random.key(4), (B, T, H, D))
+    new = attention.get("routing").update_buffers(st["buffers"], x, x, kv_mask=MASK, **hp)
+    np.testing.assert_array_equal(new["centroids"][0], st["buffers"]["centroids"][0])
+    assert np.abs(new["centroids"][1] - st["buffers"]["centroids"][1]).max() > 1e-3
 
 
 # ----------------------------------------------------------------- cost and validation

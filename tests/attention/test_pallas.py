@@ -261,6 +261,30 @@ def test_linear_matches_xla(name, hp, causal, length):
         _close(gw, gwx, 1e-4, 1e-4, "d projection")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_large_inputs_match_xla(causal):
+    """q, k * 30 (the regime where unstabilised denominators underflow): the kernel's outputs
+    and gradients are finite and equal the XLA variant's, no real row is all zero, and
+    (causal) later keys do not move earlier outputs."""
+    hp, length, dim = {"num_features": 32, "feature_map": "favor+"}, 40, 16
+    q, k, v, ct, kv_mask = _inputs(11, 2, length, 2, dim, kv_lens=(length, 23))
+    q, k = q * 30, k * 30
+    state = _state("performer", hp, length, 2, dim)
+    both = _both("performer", hp, causal, {"block_t": 16}, state)
+    (out, grads), (out_x, grads_x) = both(q, k, v, ct, kv_mask)
+    _close(out, out_x, 1e-4, 1e-3, "performer * 30 out")
+    real = np.asarray(kv_mask)
+    assert not np.any(np.all(np.asarray(out) == 0, axis=-1)[real]), "zero rows"
+    for g, gx, w in zip(grads[:3], grads_x[:3], "qkv"):
+        scale = float(jnp.abs(gx).max())
+        _close(g, gx, 1e-4 * scale, 1e-3, f"performer * 30 d{w}")
+    if causal:
+        k2 = k.at[:, 9:].multiply(3.0)
+        (out2, _), _ = both(q, k2, v, ct, kv_mask)
+        np.testing.assert_allclose(np.asarray(out2)[:, :9], np.asarray(out)[:, :9], atol=1e-6,
+                                   rtol=1e-6)
+
+
 def test_performer_relu_features_forward():
     hp, length = {"num_features": 40, "feature_map": "relu"}, 37
     q, k, v, _, kv_mask = _inputs(3, 2, length, 2, 16, kv_lens=(length, 20))
