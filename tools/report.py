@@ -12,6 +12,15 @@ tools.sweep) and writes, under OUT:
                run; <name>.json everything above (tools.plots reads it).
 Accuracy is test accuracy in %. Avg is the mean over the five averaged LRA tasks (Path-X apart)
 that a variant finished; when fewer than five, the count is written beside it.
+
+--root takes several roots (comma-separated), and a variant directory may hold seed_<n>/ runs
+(tools.sweep --seeds): runs of the same row and task are averaged, the cell reads
+"mean ± std [n]" (population std over the n runs). A run fine-tuned from a pretraining run
+(train.init_from) is its own row, `<variant>+<pretraining objective>` (e.g. `dense+denoise`),
+so from-scratch and self-pretrained runs sit side by side.
+Language modelling runs (task `lm`) are not in Table 1: they get the LM table, <name>_lm.csv
+and a section of <name>.md: test bits per byte (mean ± std over seeds) and training steps/s
+(median of the logged rates of the run, averaged over seeds) per variant and context length.
 """
 
 from __future__ import annotations
@@ -20,9 +29,13 @@ import argparse
 import json
 import os
 
+import statistics
+
 from tools import lra_published
 from tools.common import (LRA_AVERAGED, header_lines, machine_info, markdown_table, task_order,
                           write_csv, write_text)
+
+LM_TASKS = ("lm",)
 
 
 def _load(path):
@@ -33,8 +46,38 @@ def _load(path):
         return None
 
 
+def _run_dirs(vdir: str) -> list[tuple[str, int | None]]:
+    """(workdir, seed) of one ROOT/<task>/<variant>/: itself, or its seed_<n>/ runs."""
+    seeds = sorted((int(n[5:]), os.path.join(vdir, n)) for n in os.listdir(vdir)
+                   if n.startswith("seed_") and n[5:].isdigit()
+                   and os.path.isdir(os.path.join(vdir, n)))
+    if seeds and not any(os.path.exists(os.path.join(vdir, f))
+                         for f in ("results.json", "config.json")):
+        return [(d, s) for s, d in seeds]
+    return [(vdir, None)]
+
+
+def _median_steps_per_sec(wdir: str) -> float | None:
+    """Median of the logged training rates (the first log row, which holds the compile, out)."""
+    rates = []
+    try:
+        with open(os.path.join(wdir, "metrics.jsonl")) as f:
+            for line in f:
+                row = json.loads(line)
+                if row.get("split") == "train" and row.get("steps_per_sec") is not None:
+                    rates.append(row["steps_per_sec"])
+    except (OSError, ValueError):
+        return None
+    rates = rates[1:] if len(rates) > 1 else rates
+    return statistics.median(rates) if rates else None
+
+
 def collect(root: str) -> list[dict]:
-    """One record per ROOT/<task>/<variant>/ directory: status, accuracy, params, error."""
+    """One record per run under ROOT (several roots: comma-separated): ROOT/<task>/<variant>/
+    or its seed_<n>/ runs: status, accuracy, params, error, and for fine-tuned runs the
+    pretraining they started from."""
+    if "," in root:
+        return [r for part in root.split(",") if part.strip() for r in collect(part.strip())]
     records = []
     if not os.path.isdir(root):
         raise ValueError(f"report: sweep root {root!r} is not a directory")
@@ -43,35 +86,102 @@ def collect(root: str) -> list[dict]:
         if not os.path.isdir(tdir):
             continue
         for variant in sorted(os.listdir(tdir)):
-            wdir = os.path.join(tdir, variant)
-            if not os.path.isdir(wdir):
+            vdir = os.path.join(tdir, variant)
+            if not os.path.isdir(vdir):
                 continue
-            results = _load(os.path.join(wdir, "results.json"))
-            status = _load(os.path.join(wdir, "status.json")) or {}
-            rec = {"task": task, "variant": variant, "workdir": wdir}
-            if results is not None:
-                rec.update(
-                    status="finished", test_accuracy=results["test_accuracy"],
-                    best_val_accuracy=results.get("best_val_accuracy"),
-                    num_params=results.get("num_params"), steps=results.get("steps"),
-                    wall_time_sec=results.get("wall_time_sec"),
-                    test_majority_rate=results.get("test_majority_rate"),
-                    environment=results.get("environment"))
-            elif status.get("status") == "failed":
-                err = ""
-                try:
-                    with open(os.path.join(wdir, "error.txt")) as f:
-                        err = f.read().strip()
-                except OSError:
-                    pass
-                rec.update(status="failed", error=status.get("error") or
-                           (err.splitlines()[-1] if err else "failed"), error_text=err)
-            elif os.path.exists(os.path.join(wdir, "config.json")) or status:
-                rec["status"] = "unfinished"
-            else:
-                continue
-            records.append(rec)
+            for wdir, seed in _run_dirs(vdir):
+                rec = _record(task, variant, wdir, seed)
+                if rec is not None:
+                    records.append(rec)
     return records
+
+
+def _record(task: str, variant: str, wdir: str, seed) -> dict | None:
+    """One run directory -> its record (None: nothing there yet)."""
+    results = _load(os.path.join(wdir, "results.json"))
+    status = _load(os.path.join(wdir, "status.json")) or {}
+    rec = {"task": task, "variant": variant, "workdir": wdir, "label": variant}
+    if seed is not None:
+        rec["seed"] = seed
+    pre_dir = _pretrain_dir(wdir, results, status)
+    if pre_dir:
+        pre_cfg = _load(os.path.join(pre_dir, "config.json")) or {}
+        rec["pretrain_objective"] = (pre_cfg.get("train") or {}).get("objective", "pretrained")
+        rec["pretrain_workdir"] = pre_dir
+        rec["label"] = f"{variant}+{rec['pretrain_objective']}"
+    if results is not None:
+        train_cfg = (results.get("config") or {}).get("train", {})
+        rec.update(
+            status="finished", test_accuracy=results["test_accuracy"],
+            best_val_accuracy=results.get("best_val_accuracy"),
+            num_params=results.get("num_params"), steps=results.get("steps"),
+            wall_time_sec=results.get("wall_time_sec"),
+            test_majority_rate=results.get("test_majority_rate"),
+            environment=results.get("environment"),
+            objective=train_cfg.get("objective", "classify"),
+            max_len=((results.get("config") or {}).get("data") or {}).get("max_len"),
+            test_bits_per_byte=results.get("test_bits_per_byte"),
+            validation_bits_per_byte=results.get("validation_bits_per_byte"),
+            steps_per_sec=_median_steps_per_sec(wdir))
+    elif status.get("status") == "failed":
+        err = ""
+        try:
+            with open(os.path.join(wdir, "error.txt")) as f:
+                err = f.read().strip()
+        except OSError:
+            pass
+        rec.update(status="failed", error=status.get("error") or
+                   (err.splitlines()[-1] if err else "failed"), error_text=err)
+    elif os.path.exists(os.path.join(wdir, "config.json")) or status:
+        rec["status"] = "unfinished"
+    else:
+        return None
+    return rec
+
+
+def _pretrain_dir(wdir: str, results, status: dict) -> str:
+    """The workdir a run was (or was to be) fine-tuned from; "" for a run from scratch."""
+    config = (results or {}).get("config") or _load(os.path.join(wdir, "config.json")) or {}
+    return ((config.get("train") or {}).get("init_from") or status.get("pretrain") or "")
+
+
+def lm_table(records: list[dict]) -> dict:
+    """-> {"rows": [...], "lengths": [...], "cells": {row: {length: cell}}} for task lm."""
+    records = [r for r in records if r["task"] in LM_TASKS]
+    rows = variant_order(_label(r) for r in records)
+    lengths = sorted({r.get("max_len") for r in records if r.get("max_len") is not None})
+    cells = {}
+    for v in rows:
+        cells[v] = {}
+        for n in lengths:
+            runs = [r for r in records if _label(r) == v and r.get("max_len") == n]
+            done = [r for r in runs if r["status"] == "finished"
+                    and r.get("test_bits_per_byte") is not None]
+            if not done:
+                cells[v][n] = {"status": runs[0]["status"] if runs else "not run"}
+                continue
+            bpb, std = _mean_std([r["test_bits_per_byte"] for r in done])
+            rates = [r["steps_per_sec"] for r in done if r.get("steps_per_sec")]
+            val = [r["validation_bits_per_byte"] for r in done
+                   if r.get("validation_bits_per_byte") is not None]
+            cells[v][n] = {"status": "finished", "test_bits_per_byte": round(bpb, 4),
+                           "std": round(std, 4), "n": len(done),
+                           "validation_bits_per_byte": round(sum(val) / len(val), 4)
+                           if val else None,
+                           "steps_per_sec": round(sum(rates) / len(rates), 3) if rates else None,
+                           "steps": done[0].get("steps")}
+    # A failed run that has no length recorded (it never started) is listed in the runs table.
+    return {"rows": rows, "lengths": lengths, "cells": cells}
+
+
+def _fmt_lm(cell: dict) -> list:
+    if cell["status"] != "finished":
+        return [{"not run": "-", "failed": "fail"}.get(cell["status"], cell["status"]), ""]
+    bpb = f"{cell['test_bits_per_byte']:.3f}"
+    if cell["n"] > 1:
+        bpb += f" ± {cell['std']:.3f} [{cell['n']}]"
+    rate = cell.get("steps_per_sec")
+    return [bpb, "-" if rate is None else f"{rate:.3g}"]
 
 
 def variant_order(variants) -> list[str]:
@@ -83,27 +193,47 @@ def _pct(x):
     return None if x is None else round(100.0 * x, 2)
 
 
+def _label(r: dict) -> str:
+    return r.get("label", r["variant"])
+
+
+def _mean_std(values):
+    m = sum(values) / len(values)
+    return m, (statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+
 def accuracy_table(records: list[dict], published: bool = True) -> dict:
-    """-> {"tasks", "variants", "cells": {variant: {task: cell}}, "avg": {variant: ...}}."""
+    """-> {"tasks", "variants", "cells": {row: {task: cell}}, "avg": {row: ...}}. Rows are
+    variants (`<variant>+<objective>` for fine-tuned runs); several runs of a row and task
+    (seeds) are averaged: cell accuracy = mean, std, n."""
+    records = [r for r in records if r["task"] not in LM_TASKS]
     tasks = task_order(r["task"] for r in records)
-    variants = variant_order(r["variant"] for r in records)
-    by = {(r["task"], r["variant"]): r for r in records}
+    variants = variant_order(_label(r) for r in records)
+    base = {_label(r): r["variant"] for r in records}
+    by: dict = {}
+    for r in records:
+        by.setdefault((r["task"], _label(r)), []).append(r)
     cells, avg = {}, {}
     for v in variants:
         cells[v] = {}
         finished = []
         for t in tasks:
-            r = by.get((t, v))
-            if r is None:
+            runs = by.get((t, v), [])
+            done = [r["test_accuracy"] for r in runs if r["status"] == "finished"]
+            if not runs:
                 cell = {"status": "not run"}
-            elif r["status"] == "finished":
-                cell = {"status": "finished", "accuracy": _pct(r["test_accuracy"])}
+            elif done:
+                mean, std = _mean_std(done)
+                cell = {"status": "finished", "accuracy": _pct(mean)}
+                if len(runs) > 1:
+                    cell.update(std=_pct(std), n=len(done), runs=len(runs))
                 if t in LRA_AVERAGED:
-                    finished.append(r["test_accuracy"])
+                    finished.append(mean)
             else:
+                r = runs[0]
                 cell = {"status": r["status"], "error": r.get("error")}
             if published:
-                model = lra_published.lra_model_for(v)
+                model = lra_published.lra_model_for(base[v])
                 if model is not None and t == "pathx":
                     cell["published"] = lra_published.PATHX_PUBLISHED
                 elif model is not None:
@@ -111,7 +241,7 @@ def accuracy_table(records: list[dict], published: bool = True) -> dict:
             cells[v][t] = cell
         avg[v] = {"accuracy": _pct(sum(finished) / len(finished)) if finished else None,
                   "tasks": len(finished)}
-        model = lra_published.lra_model_for(v)
+        model = lra_published.lra_model_for(base[v])
         if published and model is not None:
             avg[v]["published"] = lra_published.TABLE1[model]["avg"]
             avg[v]["lra_model"] = model
@@ -122,6 +252,9 @@ def _fmt_cell(cell: dict) -> str:
     s = cell["status"]
     text = f"{cell['accuracy']:.2f}" if s == "finished" else {"not run": "-", "failed": "fail",
                                                                "unfinished": "unfinished"}.get(s, s)
+    if s == "finished" and "n" in cell:
+        text += f" ± {cell['std']:.2f} [{cell['n']}" + (
+            f" of {cell['runs']}]" if cell["runs"] != cell["n"] else "]")
     if "published" in cell and cell["published"] is not None:
         pub = cell["published"]
         text += f" ({pub:.2f})" if isinstance(pub, float) else f" ({pub})"
@@ -142,8 +275,11 @@ def _fmt_avg(a: dict) -> str:
 
 def params_table(records: list[dict]) -> dict:
     tasks = task_order(r["task"] for r in records)
-    variants = variant_order(r["variant"] for r in records)
-    by = {(r["task"], r["variant"]): r.get("num_params") for r in records}
+    variants = variant_order(_label(r) for r in records)
+    by = {}
+    for r in records:
+        if r.get("num_params") is not None or (r["task"], _label(r)) not in by:
+            by[(r["task"], _label(r))] = r.get("num_params")
     return {"tasks": tasks, "variants": variants,
             "params": {v: {t: by.get((t, v)) for t in tasks} for v in variants}}
 
@@ -157,9 +293,11 @@ def build(root: str, out: str, name: str = "accuracy", published: bool = True,
     """Writes the tables under `out`; returns the JSON-able report."""
     records = collect(root)
     acc = accuracy_table(records, published)
+    lm = lm_table(records)
     par = params_table(records)
     env = machine_info()
     tasks = acc["tasks"]
+    all_tasks = task_order(r["task"] for r in records)
 
     header = ["Model"] + [_col(t) for t in tasks] + ["Avg"]
     rows = [[v] + [_fmt_cell(acc["cells"][v][t]) for t in tasks] + [_fmt_avg(acc["avg"][v])]
@@ -177,7 +315,20 @@ def build(root: str, out: str, name: str = "accuracy", published: bool = True,
             f"Sweep settings (last invocation, {sweep_info.get('date', '?')}): config option "
             f"`{sweep_info.get('arg') or '(none)'}`, overrides "
             f"`{' '.join(sweep_info.get('sets') or []) or '(none)'}`.", ""] + lines[-1:]
-    lines += markdown_table(header, rows)
+    if lm["rows"]:
+        lines += ["## Language modelling (task lm): test bits per byte", "",
+                  "Bits per byte of the test split (next-byte cross-entropy / ln 2; mean ± std "
+                  "over seeds when several) and training steps/s (median of the logged rates "
+                  "after the first) per variant and context length (bytes). The test split's "
+                  "unigram entropy, the bits per byte of a model that ignores context, is in "
+                  "the runs' task_info (test_unigram_bits_per_byte).", ""]
+        lm_header = ["Model"] + [h for n in lm["lengths"] for h in (f"bpb {n}", f"steps/s {n}")]
+        lines += markdown_table(lm_header, [[v] + [x for n in lm["lengths"]
+                                                   for x in _fmt_lm(lm["cells"][v][n])]
+                                            for v in lm["rows"]])
+        lines += [""]
+    if tasks:
+        lines += markdown_table(header, rows)
     if published:
         matched = {v: acc["avg"][v].get("lra_model") for v in acc["variants"]}
         names = ", ".join(f"{v} = {m}" for v, m in matched.items() if m)
@@ -192,16 +343,19 @@ def build(root: str, out: str, name: str = "accuracy", published: bool = True,
 
     lines += ["", "## Runs", ""]
     run_header = ["Task", "Variant", "Status", "Steps", "Test acc %", "Best val %",
-                  "Majority %", "Params", "Wall s", "Error"]
+                  "Majority %", "Params", "Wall s", "Seed", "Test bpb", "Error"]
     run_rows = []
-    for r in sorted(records, key=lambda r: (tasks.index(r["task"]), r["variant"])):
+    for r in sorted(records, key=lambda r: (all_tasks.index(r["task"]), _label(r),
+                                            r.get("seed") or 0)):
+        bpb = r.get("test_bits_per_byte")
         run_rows.append([
-            r["task"], r["variant"], r["status"], r.get("steps"), _pct(r.get("test_accuracy")),
+            r["task"], _label(r), r["status"], r.get("steps"), _pct(r.get("test_accuracy")),
             _pct(r.get("best_val_accuracy")), _pct(r.get("test_majority_rate")),
             r.get("num_params"),
             None if r.get("wall_time_sec") is None else round(r["wall_time_sec"], 1),
+            r.get("seed"), None if bpb is None else round(bpb, 4),
             (r.get("error") or "").replace("|", "/")[:200]])
-    lines += markdown_table(run_header, run_rows, ["l", "l", "l"] + ["r"] * 6 + ["l"])
+    lines += markdown_table(run_header, run_rows, ["l", "l", "l"] + ["r"] * 8 + ["l"])
     envs = {json.dumps(r["environment"], sort_keys=True) for r in records if r.get("environment")}
     if envs:
         lines += ["", "Environments the runs recorded (results.json):", ""]
@@ -228,12 +382,22 @@ def build(root: str, out: str, name: str = "accuracy", published: bool = True,
     write_csv(os.path.join(out, f"{name}_params.csv"), ["variant"] + par["tasks"],
               [[v] + [par["params"][v][t] for t in par["tasks"]] for v in par["variants"]])
     write_csv(os.path.join(out, f"{name}_runs.csv"),
-              ["task", "variant", "status", "steps", "test_accuracy", "best_val_accuracy",
-               "test_majority_rate", "num_params", "wall_time_sec", "error"],
-              [[r["task"], r["variant"], r["status"], r.get("steps"), r.get("test_accuracy"),
-                r.get("best_val_accuracy"), r.get("test_majority_rate"), r.get("num_params"),
-                r.get("wall_time_sec"), r.get("error")] for r in records])
-    report = {"root": root, "environment": env, "accuracy": acc, "params": par,
+              ["task", "variant", "row", "seed", "status", "steps", "test_accuracy",
+               "best_val_accuracy", "test_majority_rate", "num_params", "wall_time_sec",
+               "test_bits_per_byte", "steps_per_sec", "error"],
+              [[r["task"], r["variant"], _label(r), r.get("seed"), r["status"], r.get("steps"),
+                r.get("test_accuracy"), r.get("best_val_accuracy"), r.get("test_majority_rate"),
+                r.get("num_params"), r.get("wall_time_sec"), r.get("test_bits_per_byte"),
+                r.get("steps_per_sec"), r.get("error")] for r in records])
+    if lm["rows"]:
+        write_csv(os.path.join(out, f"{name}_lm.csv"),
+                  ["variant", "max_len", "test_bits_per_byte", "std", "n",
+                   "validation_bits_per_byte", "steps_per_sec", "steps"],
+                  [[v, n] + [lm["cells"][v][n].get(k) for k in (
+                      "test_bits_per_byte", "std", "n", "validation_bits_per_byte",
+                      "steps_per_sec", "steps")]
+                   for v in lm["rows"] for n in lm["lengths"]])
+    report = {"root": root, "environment": env, "accuracy": acc, "params": par, "lm": lm,
               "runs": [{k: v for k, v in r.items() if k != "error_text"} for r in records],
               "published_source": lra_published.SOURCE if published else None}
     with open(os.path.join(out, f"{name}.json"), "w") as f:

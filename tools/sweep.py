@@ -12,6 +12,16 @@ log.txt (the run's stdout and stderr, written as it runs); a failed run also get
 Re-running the same command skips finished runs (results.json present), resumes unfinished
 ones from their latest checkpoint (the training loop does that) and retries failed ones.
 ROOT/sweep.json lists every run of the latest invocation and its status.
+
+    python -m tools.sweep --tasks listops --variants dense,local --root runs/spt --arg small \
+        --pretrain denoise --pretrain-set train.steps=1500 --set train.steps=1500 --seeds 0,1,2
+
+--seeds: one run per seed (config seed), in ROOT/<task>/<variant>/seed_<n>/.
+--pretrain OBJECTIVE: each entry is a pretrain -> fine-tune pair: first the same config with
+train.objective=OBJECTIVE (denoise: masked-token self-pretraining; causal_lm) and the
+--pretrain-set overrides in <workdir>/pretrain/, then the run itself with
+train.init_from=<workdir>/pretrain (encoder loaded, head fresh). The entry is finished when the
+fine-tune is; a finished pretrain is not run again, a failed one fails the entry.
 """
 
 from __future__ import annotations
@@ -37,6 +47,9 @@ class Run:
     task: str
     variant: str
     workdir: str
+    seed: int | None = None       # None: the config's own seed
+    pretrain: str = ""            # objective of a pretraining stage before this run ("": none)
+    init_from: str = ""           # workdir whose encoder this run starts from
 
 
 def _now() -> str:
@@ -68,8 +81,34 @@ def parse_sets(sets: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def plan(tasks: list[str], variants: list[str], root: str) -> list[Run]:
-    return [Run(t, v, os.path.join(root, t, v)) for t in task_order(tasks) for v in variants]
+def plan(tasks: list[str], variants: list[str], root: str, seeds=None,
+         pretrain: str = "") -> list[Run]:
+    runs = []
+    for t in task_order(tasks):
+        for v in variants:
+            for seed in (seeds or [None]):
+                wdir = os.path.join(root, t, v) if seed is None else \
+                    os.path.join(root, t, v, f"seed_{seed}")
+                runs.append(Run(t, v, wdir, seed, pretrain))
+    return runs
+
+
+def pretrain_run(run: Run) -> Run:
+    """The pretraining stage of a pretrain -> fine-tune entry."""
+    return Run(run.task, run.variant, os.path.join(run.workdir, "pretrain"), run.seed)
+
+
+def parse_seeds(value: str) -> list[int] | None:
+    if not value.strip():
+        return None
+    try:
+        seeds = [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {value!r}: expected comma-separated integers, e.g. 0,1,2") \
+            from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"--seeds {value!r}: expected non-negative integers, e.g. 0,1,2")
+    return list(dict.fromkeys(seeds))
 
 
 def read_status(workdir: str) -> dict:
@@ -104,6 +143,10 @@ def command_for(run: Run, sets, arg: str) -> list[str]:
            f"--config={os.path.join(REPO_ROOT, 'configs', run.task + '.py')}:{spec}",
            f"--workdir={os.path.abspath(run.workdir)}"]
     cmd += [f"--config.{k}={v}" for k, v in sets]
+    if run.seed is not None:
+        cmd.append(f"--config.seed={run.seed}")
+    if run.init_from:
+        cmd.append(f"--config.train.init_from={os.path.abspath(run.init_from)}")
     return cmd
 
 
@@ -115,8 +158,28 @@ def error_text(stderr: str, limit: int = 120) -> str:
     return "\n".join(lines[-limit:])
 
 
-def execute(run: Run, sets, arg: str, timeout: float | None = None, echo=print) -> dict:
-    """Runs one training subprocess; writes status.json, log.txt, error.txt. -> status dict."""
+def execute(run: Run, sets, arg: str, timeout: float | None = None, echo=print,
+            pretrain_sets=()) -> dict:
+    """Runs one training subprocess (two for a pretrain -> fine-tune entry: the pretraining
+    first, unless finished); writes status.json, log.txt, error.txt. -> status dict."""
+    if run.pretrain:
+        pre = pretrain_run(run)
+        pre_status = {"status": FINISHED}
+        if run_state(pre.workdir) != FINISHED:
+            pre_sets = list(sets) + [("train.objective", run.pretrain)] + list(pretrain_sets)
+            pre_status = execute(pre, pre_sets, arg, timeout, echo)
+        if pre_status["status"] != FINISHED:
+            status = {"task": run.task, "variant": run.variant, "status": FAILED,
+                      "pretrain": pre.workdir, "started": _now(), "ended": _now(),
+                      "error": f"pretraining ({run.pretrain}) failed: "
+                               f"{pre_status.get('error', '')}"}
+            os.makedirs(run.workdir, exist_ok=True)
+            _write_json(os.path.join(run.workdir, "status.json"), status)
+            with open(os.path.join(run.workdir, "error.txt"), "w") as f:
+                f.write(status["error"] + f"\n(see {os.path.join(pre.workdir, 'error.txt')})\n")
+            echo(f"[{run.task}/{run.variant}] {FAILED}: {status['error']}")
+            return status
+        run = dataclasses.replace(run, pretrain="", init_from=pre.workdir)
     os.makedirs(run.workdir, exist_ok=True)
     before = run_state(run.workdir)
     cmd = command_for(run, sets, arg)
@@ -168,22 +231,28 @@ def execute(run: Run, sets, arg: str, timeout: float | None = None, echo=print) 
 
 
 def sweep(tasks: list[str], variants: list[str], root: str, sets=(), arg: str = "",
-          timeout: float | None = None, retry_failed: bool = True, echo=print) -> list[dict]:
-    """Runs every (task, variant) not yet finished; returns one summary dict per run."""
+          timeout: float | None = None, retry_failed: bool = True, echo=print, seeds=None,
+          pretrain: str = "", pretrain_sets=()) -> list[dict]:
+    """Runs every (task, variant[, seed]) not yet finished; returns one summary dict per run."""
     os.makedirs(root, exist_ok=True)
     summary = []
-    runs = plan(tasks, variants, root)
+    runs = plan(tasks, variants, root, seeds, pretrain)
     for n, run in enumerate(runs, 1):
         state = run_state(run.workdir)
         entry = {"task": run.task, "variant": run.variant, "workdir": run.workdir,
                  "before": state}
+        if run.seed is not None:
+            entry["seed"] = run.seed
+        if run.pretrain:
+            entry["pretrain"] = pretrain_run(run).workdir
         if state == FINISHED or (state == FAILED and not retry_failed):
             echo(f"[{n}/{len(runs)}] {run.task}/{run.variant}: {state}, skipped")
             entry["status"] = state
             entry["action"] = "skipped"
         else:
             echo(f"[{n}/{len(runs)}] {run.task}/{run.variant}: {state}, {ACTIONS[state]}")
-            result = execute(run, sets, arg, timeout=timeout, echo=echo)
+            result = execute(run, sets, arg, timeout=timeout, echo=echo,
+                             pretrain_sets=pretrain_sets)
             entry["status"] = result["status"]
             entry["action"] = ACTIONS[state]
             if result["status"] == FAILED:
@@ -191,7 +260,8 @@ def sweep(tasks: list[str], variants: list[str], root: str, sets=(), arg: str = 
         summary.append(entry)
     _write_json(os.path.join(root, "sweep.json"), {
         "date": _now(), "tasks": tasks, "variants": variants, "arg": arg,
-        "sets": [f"{k}={v}" for k, v in sets], "runs": summary})
+        "sets": [f"{k}={v}" for k, v in sets], "seeds": seeds, "pretrain": pretrain,
+        "pretrain_sets": [f"{k}={v}" for k, v in pretrain_sets], "runs": summary})
     return summary
 
 
@@ -221,11 +291,19 @@ def main(argv=None) -> int:
     p.add_argument("--arg", default="", help="config options after the variant, e.g. tiny")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run (default none)")
     p.add_argument("--no-retry-failed", action="store_true", help="skip runs that failed before")
+    p.add_argument("--seeds", default="", help="comma-separated seeds: one run each (seed_<n>/)")
+    p.add_argument("--pretrain", default="", choices=("", "denoise", "causal_lm"),
+                   help="pretrain with this objective first, then fine-tune from it")
+    p.add_argument("--pretrain-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override for the pretraining stage only, e.g. train.steps=1000")
     a = p.parse_args(argv)
+    if a.pretrain_set and not a.pretrain:
+        raise ValueError("--pretrain-set needs --pretrain OBJECTIVE")
     tasks = parse_list(a.tasks, registered_tasks(), "tasks")
     variants = parse_list(a.variants, attention.names(), "variants")
     summary = sweep(tasks, variants, a.root, parse_sets(a.set), a.arg, a.timeout,
-                    retry_failed=not a.no_retry_failed)
+                    retry_failed=not a.no_retry_failed, seeds=parse_seeds(a.seeds),
+                    pretrain=a.pretrain, pretrain_sets=parse_sets(a.pretrain_set))
     counts = {}
     for e in summary:
         counts[e["status"]] = counts.get(e["status"], 0) + 1

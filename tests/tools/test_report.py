@@ -109,3 +109,39 @@ def test_accuracy_plot_has_a_bar_per_variant_and_task(built):
     path = plots.plot_accuracy(rep, os.path.join(out, "acc.png"))
     img = mpimg.imread(path)
     assert img.shape[0] > 300 and img.std() > 0.05  # a drawn figure, not blank
+
+
+def test_seeds_are_averaged_pretrained_rows_apart_and_lm_table(tmp_path):
+    """seed_<n>/ runs average into one cell (mean ± std [n]); a run with train.init_from is its
+    own row named by the pretraining objective; lm runs go to the bits-per-byte table."""
+    scratch, spt = str(tmp_path / "scratch"), str(tmp_path / "spt")
+    for seed, acc in enumerate((0.30, 0.40, 0.50)):
+        _write(scratch, "listops", os.path.join("dense", f"seed_{seed}"), {"results.json": {
+            "test_accuracy": acc, "num_params": 10, "config": {"train": {}}}})
+        pre = os.path.join(spt, "listops", "dense", f"seed_{seed}", "pretrain")
+        _write(spt, "listops", os.path.join("dense", f"seed_{seed}", "pretrain"),
+               {"config.json": {"train": {"objective": "denoise"}}})
+        _write(spt, "listops", os.path.join("dense", f"seed_{seed}"), {"results.json": {
+            "test_accuracy": acc + 0.2, "num_params": 10,
+            "config": {"train": {"init_from": pre}}}})
+    for variant, bpb, rate in (("dense", 2.5, 3.0), ("local", 2.75, 6.0)):
+        _write(str(tmp_path / "lm"), "lm", variant, {
+            "results.json": {"test_accuracy": 0.4, "test_bits_per_byte": bpb,
+                             "validation_bits_per_byte": bpb + 0.1,
+                             "config": {"data": {"max_len": 256}, "train": {}}},
+            "metrics.jsonl": "\n".join(json.dumps({"split": "train", "steps_per_sec": r})
+                                       for r in (0.1, rate, rate, rate + 1.0))})
+    roots = ",".join([scratch, spt, str(tmp_path / "lm")])
+    rep = report.build(roots, str(tmp_path / "out"))
+    cells = rep["accuracy"]["cells"]
+    assert rep["accuracy"]["variants"] == ["dense", "dense+denoise"]
+    assert cells["dense"]["listops"]["accuracy"] == 40.0 and cells["dense"]["listops"]["n"] == 3
+    assert cells["dense"]["listops"]["std"] == pytest.approx(8.16, abs=0.01)
+    assert cells["dense+denoise"]["listops"]["accuracy"] == 60.0
+    assert "lm" not in rep["accuracy"]["tasks"]
+    md = open(tmp_path / "out" / "accuracy.md").read()
+    assert "| dense | 40.00 ± 8.16 [3] (36.37) |" in md
+    lm = rep["lm"]["cells"]
+    assert lm["dense"][256]["test_bits_per_byte"] == 2.5
+    assert lm["local"][256]["steps_per_sec"] == 6.0   # median of the rates after the first
+    assert "| local | 2.750 | 6 |" in md
