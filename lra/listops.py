@@ -144,12 +144,18 @@ def read_tsv(path: str) -> tuple[list[list[int]], np.ndarray]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"ListOps file not found: {path}")
     seqs, labels = [], []
-    with open(path) as f:
-        header = f.readline().rstrip("\n").split("\t")
-        if header != ["Source", "Target"]:
-            raise ValueError(f"{path}:1: expected header 'Source\\tTarget', got {header!r}")
-        for lineno, line in enumerate(f, start=2):
-            line = line.rstrip("\n")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte "
+                                 f"0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            if lineno == 1:
+                if line.split("\t") != ["Source", "Target"]:
+                    raise ValueError(f"{path}:1: expected header 'Source\\tTarget', got "
+                                     f"{line.split(chr(9))!r}")
+                continue
             if not line.strip():
                 continue
             cols = line.split("\t")
@@ -163,6 +169,8 @@ def read_tsv(path: str) -> tuple[list[list[int]], np.ndarray]:
             except ValueError as e:
                 raise ValueError(f"{path}:{lineno}: {e}") from None
             labels.append(label)
+    if not seqs:
+        raise ValueError(f"{path}: no examples (the file is empty or holds only its header)")
     return seqs, np.asarray(labels, np.int32)
 
 

@@ -213,12 +213,19 @@ def read_release(base: str, resolution: int):
 
 
 def load_release(base: str, resolution: int, cache_dir: str | None):
-    """read_release through a cache of .npy files under cache_dir (keyed by the metadata)."""
+    """read_release through a cache of .npy files under cache_dir, keyed by the metadata files
+    and the size and modification time of every image they list (a changed image is noticed)."""
     meta = sorted(glob.glob(os.path.join(base, "metadata", "*.npy")))
     h = hashlib.sha1(f"{os.path.abspath(base)}:{resolution}".encode())
     for m in meta:
         st = os.stat(m)
         h.update(f"{m}:{st.st_size}:{st.st_mtime_ns}".encode())
+        for subdir, filename, _ in read_metadata(m):
+            try:
+                st = os.stat(os.path.join(base, subdir, filename))
+                h.update(f"{subdir}/{filename}:{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(f"{subdir}/{filename}:missing".encode())
     cache = os.path.join(cache_dir, "pathfinder", h.hexdigest()[:16]) if cache_dir else None
     if cache and os.path.exists(os.path.join(cache, "DONE")):
         with open(os.path.join(cache, "DONE")) as f:

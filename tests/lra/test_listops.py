@@ -120,6 +120,17 @@ def test_bad_row_names_file_and_line(tmp_path, row, message):
         L.read_tsv(str(path))
 
 
+def test_non_utf8_byte_and_header_only_file_name_the_file(tmp_path):
+    path = tmp_path / "basic_train.tsv"
+    path.write_bytes(b"Source\tTarget\n( [MIN 1 2 ] )\t1\n( [MAX \xff 2 ] )\t2\n")
+    with pytest.raises(ValueError, match=r"basic_train.tsv:3: not UTF-8 text \(byte 0xff at "
+                                         r"column 8\)"):
+        L.read_tsv(str(path))
+    path.write_text("Source\tTarget\n")
+    with pytest.raises(ValueError, match=r"basic_train.tsv: no examples"):
+        L.read_tsv(str(path))
+
+
 def test_bad_header(tmp_path):
     path = tmp_path / "x.tsv"
     path.write_text("src\tlabel\n")

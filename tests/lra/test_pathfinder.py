@@ -1,6 +1,7 @@
 """Pathfinder generator (properties of a sample), task sources, release reader/writer, CLI."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -134,6 +135,13 @@ def test_release_round_trip_skips_unreadable_images(tmp_path):
     np.testing.assert_array_equal(got, images.reshape(23, -1))
     np.testing.assert_array_equal(
         np.concatenate([task.splits[s].labels() for s in ("train", "validation", "test")]), labels)
+    # the cache notices an image that changed behind the same metadata
+    first, second = (os.path.join(base, "imgs", "0", f"sample_{i}.png") for i in (0, 1))
+    shutil.copyfile(first, first + ".orig")
+    shutil.copyfile(second, first)
+    task = lra.get_task(cfg)
+    np.testing.assert_array_equal(task.splits["train"][0]["inputs"], images[1].reshape(-1))
+    shutil.move(first + ".orig", first)
     # an empty and a corrupt PNG (the release has such files) are skipped and counted
     open(os.path.join(base, "imgs", "1", "sample_0.png"), "wb").close()
     with open(os.path.join(base, "imgs", "2", "sample_1.png"), "wb") as f:
