@@ -38,7 +38,8 @@ def parse_arg(arg: str | None, known_flags=("tiny", "small"), known_keys=()):
 
 
 def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
-    """The shared tree with neutral defaults; task files set the published values."""
+    """The shared tree. Its values are LRA's ListOps Transformer setup (the LRA repo's listops
+    base config); each task file changes only what its published setup changes, with a comment."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -83,6 +84,13 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.distributed = False      # call jax.distributed.initialize() (multi-host)
     c.train.change_on_resume = False  # resume with a changed learning_rate/schedule/warmup/clip
+    # What is trained (training/objectives.py): "classify" (a label per example), "denoise"
+    # (self-pretraining, Amos et al. ICLR 2024: masked-token prediction on the task's own
+    # inputs, bidirectional; pair tasks: both sides), "causal_lm" (next-token prediction with
+    # causal attention; the lm task's objective).
+    c.train.objective = "classify"
+    c.train.mask_rate = 0.5          # denoise: share of real tokens hidden (Amos et al.: 50%)
+    c.train.init_from = ""           # a pretraining run's workdir: its encoder is loaded, head fresh
     return c
 
 
@@ -95,6 +103,16 @@ def attention_config(variant: str, task: str) -> ml_collections.ConfigDict:
     for key, value in hp.items():
         c[key] = value
     return c
+
+
+def epochs_cosine(c: ml_collections.ConfigDict, train_examples: int, *, epochs: int,
+                  learning_rate: float):
+    """LRA's image/pathfinder schedule at data.batch_size: `epochs` epochs, one epoch of linear
+    warmup then cosine decay, no weight decay, evaluation and checkpoint once an epoch."""
+    per_epoch = train_examples // c.data.batch_size
+    c.train.update(steps=epochs * per_epoch, learning_rate=learning_rate, schedule="cosine",
+                   warmup_steps=per_epoch, weight_decay=0.0, eval_every=per_epoch,
+                   checkpoint_every=per_epoch)
 
 
 def shrink_tiny(c: ml_collections.ConfigDict, *, max_len: int = 64):

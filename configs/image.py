@@ -18,30 +18,10 @@ TRAIN_EXAMPLES = 45000
 def get_config(arg=None):
     variant, flags, _ = common.parse_arg(arg, known_flags=("tiny",))
     c = common.base_config("image", variant)
-    c.model.num_layers = 1
-    c.model.num_heads = 8
-    c.model.emb_dim = 128
-    c.model.qkv_dim = 64
-    c.model.mlp_dim = 128
-    c.model.dropout_rate = 0.3
-    c.model.attention_dropout_rate = 0.2
-    c.model.pooling = "cls"
-    c.model.pos_embedding = "learned"
-
-    c.data.max_len = 1024                         # 32 x 32 pixels, fixed
-    c.data.batch_size = 256
-    c.data.eval_batch_size = 256
-
-    steps_per_epoch = TRAIN_EXAMPLES // c.data.batch_size
-    c.train.steps = 200 * steps_per_epoch         # 200 epochs
-    c.train.learning_rate = 5e-4
-    c.train.schedule = "cosine"
-    c.train.warmup_steps = steps_per_epoch        # one epoch
-    c.train.weight_decay = 0.0
-    c.train.eval_every = steps_per_epoch
-    c.train.checkpoint_every = steps_per_epoch
-
+    c.model.update(num_layers=1, emb_dim=128, qkv_dim=64, mlp_dim=128)  # LRA cifar10 model
+    c.model.update(dropout_rate=0.3, attention_dropout_rate=0.2, pos_embedding="learned")
+    c.data.update(max_len=1024, batch_size=256, eval_batch_size=256)   # 32 x 32 pixels
+    common.epochs_cosine(c, TRAIN_EXAMPLES, epochs=200, learning_rate=5e-4)
     if "tiny" in flags:
         common.shrink_tiny(c, max_len=1024)       # an image is 1,024 pixels whatever the size
-        c.data.max_len = 1024
     return c

@@ -14,60 +14,30 @@ the release's listops-1000/ folder.
 """
 
 from configs import common
+from configs import variants as variant_table
 
 
 def get_config(arg=None):
     variant, flags, _ = common.parse_arg(arg)
-    c = common.base_config("listops", variant)
-    c.model.num_layers = 4
-    c.model.num_heads = 8
-    c.model.emb_dim = 512
-    c.model.qkv_dim = 512
-    c.model.mlp_dim = 1024
-    c.model.pooling = "cls"
-    c.model.pos_embedding = "sinusoidal"
-
-    c.data.max_len = 2000
-    c.data.batch_size = 32
-    c.data.num_train = 96000       # generated data: LRA sizes
-    c.data.num_val = 2000
-    c.data.num_test = 2000
-    c.data.min_length = 500        # generator keeps min_length < length < max_length
-    c.data.max_length = 2000
-    c.data.gen_seed = 0            # generator seed (the data), distinct from c.seed (the run)
-
-    c.train.steps = 5000
-    c.train.learning_rate = 0.05
-    c.train.schedule = "rsqrt"
-    c.train.warmup_steps = 1000
-    c.train.weight_decay = 0.1
-    c.train.eval_every = 500
-    c.train.checkpoint_every = 500
-
+    c = common.base_config("listops", variant)  # the base is LRA's ListOps setup, unchanged
+    # Generated data: LRA's split sizes; the generator keeps min_length < length < max_length;
+    # gen_seed draws the data, distinct from c.seed (the run).
+    c.data.update(num_train=96000, num_val=2000, num_test=2000, min_length=500,
+                  max_length=2000, gen_seed=0)
     if "tiny" in flags:
         common.shrink_tiny(c, max_len=64)
-        c.data.num_train, c.data.num_val, c.data.num_test = 256, 64, 64
-        c.data.min_length, c.data.max_length = 5, 64
+        c.data.update(num_train=256, num_val=64, num_test=64, min_length=5, max_length=64)
     elif "small" in flags:
-        # CPU-sized: short expressions, a 2-layer model; learns well above the majority class
-        # in minutes (figures in the README).
-        c.model.num_layers = 2
-        c.model.num_heads = 4
-        c.model.emb_dim = 64
-        c.model.qkv_dim = 64
-        c.model.mlp_dim = 128
-        c.model.dropout_rate = 0.0
-        c.model.attention_dropout_rate = 0.0
-        c.data.max_len = 128
-        c.data.min_length, c.data.max_length = 10, 128
-        c.data.num_train, c.data.num_val, c.data.num_test = 20000, 1000, 1000
-        c.data.batch_size = 32
-        c.train.steps = 3000
-        c.train.warmup_steps = 300
-        c.train.learning_rate = 0.05
-        c.train.eval_every = 500
-        c.train.checkpoint_every = 1000
-        c.train.eval_examples = 1000
-        from configs import variants as variant_table
-        variant_table.shrink_for_length(c.attention, c.data.max_len)
+        shrink_small(c)
     return c
+
+
+def shrink_small(c):
+    """CPU-sized: short expressions, a 2-layer model, no dropout; learns well above the majority
+    class in minutes (figures in the README)."""
+    c.model.update(num_layers=2, num_heads=4, emb_dim=64, qkv_dim=64, mlp_dim=128,
+                   dropout_rate=0.0, attention_dropout_rate=0.0)
+    c.data.update(max_len=128, min_length=10, max_length=128, num_train=20000, num_val=1000,
+                  num_test=1000)
+    c.train.update(steps=3000, warmup_steps=300, checkpoint_every=1000, eval_examples=1000)
+    variant_table.shrink_for_length(c.attention, c.data.max_len)

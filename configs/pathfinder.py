@@ -26,39 +26,25 @@ def set_data(c, resolution: int, difficulty: str):
     c.data.max_len = resolution * resolution     # one token per pixel
     c.data.data_dir = ""                          # "" = generate; else the release root (docs)
     c.data.gen_seed = 0                           # generator seed (the data), not the run seed
-    c.data.num_train = 160000                     # generated split sizes (the release's 80/10/10)
-    c.data.num_val = 20000
-    c.data.num_test = 20000
+    c.data.update(num_train=160000, num_val=20000, num_test=20000)  # the release's 80/10/10
     c.data.memoize = True                         # keep generated images in memory once made
+
+
+def published(variant: str, task: str, keys: dict, resolution: int):
+    """LRA's pathfinder32 setup at data.resolution (configs/pathx.py starts from it)."""
+    c = common.base_config(task, variant)
+    c.model.update(num_heads=4, emb_dim=32, qkv_dim=16, mlp_dim=32)  # LRA pathfinder32 model
+    c.model.pooling = "mean"
+    set_data(c, int(keys.get("res", resolution)), keys.get("difficulty", "hard"))
+    c.data.update(batch_size=512, eval_batch_size=512)
+    common.epochs_cosine(c, c.data.num_train, epochs=200, learning_rate=1e-3)
+    return c
 
 
 def get_config(arg=None):
     variant, flags, keys = common.parse_arg(
         arg, known_flags=("tiny", "small"), known_keys=("res", "difficulty"))
-    c = common.base_config("pathfinder", variant)
-    c.model.num_layers = 4
-    c.model.num_heads = 4
-    c.model.emb_dim = 32
-    c.model.qkv_dim = 16
-    c.model.mlp_dim = 32
-    c.model.dropout_rate = 0.1
-    c.model.attention_dropout_rate = 0.1
-    c.model.pooling = "mean"
-    c.model.pos_embedding = "sinusoidal"
-
-    set_data(c, int(keys.get("res", 32)), keys.get("difficulty", "hard"))
-    c.data.batch_size = 512
-    c.data.eval_batch_size = 512
-
-    steps_per_epoch = c.data.num_train // c.data.batch_size
-    c.train.steps = 200 * steps_per_epoch        # 200 epochs
-    c.train.learning_rate = 1e-3
-    c.train.schedule = "cosine"
-    c.train.warmup_steps = steps_per_epoch       # one epoch
-    c.train.weight_decay = 0.0
-    c.train.eval_every = steps_per_epoch
-    c.train.checkpoint_every = steps_per_epoch
-
+    c = published(variant, "pathfinder", keys, resolution=32)
     if "tiny" in flags:
         shrink_tiny(c)
     elif "small" in flags:
@@ -69,28 +55,17 @@ def get_config(arg=None):
 def shrink_tiny(c):
     """Seconds on a CPU (tests): a 32 x 32 image is still 1,024 tokens."""
     common.shrink_tiny(c, max_len=c.data.max_len)
-    c.data.num_train, c.data.num_val, c.data.num_test = 256, 64, 64
+    c.data.update(num_train=256, num_val=64, num_test=64)
 
 
 def shrink_small(c):
     """CPU-sized run on generated Pathfinder-32: 2 small layers, batch 16, 4,000 steps (about
     35 minutes with `linear` attention on a 2-core CPU). Outcome in docs/tasks.md."""
     set_data(c, 32, c.data.difficulty)
-    c.model.num_layers = 2
-    c.model.num_heads = 2
-    c.model.emb_dim = 32
-    c.model.qkv_dim = 32
-    c.model.mlp_dim = 64
-    c.model.dropout_rate = 0.0
-    c.model.attention_dropout_rate = 0.0
-    c.data.num_train, c.data.num_val, c.data.num_test = 20000, 1000, 1000
-    c.data.batch_size = 16
-    c.data.eval_batch_size = 250
-    c.train.steps = 4000
-    c.train.warmup_steps = 200
-    c.train.learning_rate = 1e-3
-    c.train.log_every = 50
-    c.train.eval_every = 500
-    c.train.checkpoint_every = 500
-    c.train.eval_examples = 1000
+    c.model.update(num_layers=2, num_heads=2, emb_dim=32, qkv_dim=32, mlp_dim=64,
+                   dropout_rate=0.0, attention_dropout_rate=0.0)
+    c.data.update(num_train=20000, num_val=1000, num_test=1000, batch_size=16,
+                  eval_batch_size=250)
+    c.train.update(steps=4000, warmup_steps=200, learning_rate=1e-3, log_every=50,
+                   eval_every=500, checkpoint_every=500, eval_examples=1000)
     variant_table.shrink_for_length(c.attention, c.data.max_len)

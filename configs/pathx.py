@@ -20,31 +20,11 @@ from configs import pathfinder
 def get_config(arg=None):
     variant, flags, keys = common.parse_arg(
         arg, known_flags=("tiny",), known_keys=("res", "difficulty"))
-    c = common.base_config("pathx", variant)
-    c.model.num_layers = 4
-    c.model.num_heads = 4
-    c.model.emb_dim = 32
-    c.model.qkv_dim = 16
-    c.model.mlp_dim = 32
-    c.model.dropout_rate = 0.1
-    c.model.attention_dropout_rate = 0.1
-    c.model.pooling = "mean"
-    c.model.pos_embedding = "learned"
-
-    pathfinder.set_data(c, int(keys.get("res", 128)), keys.get("difficulty", "hard"))
-    c.data.batch_size = 64
-    c.data.eval_batch_size = 64
-
-    steps_per_epoch = c.data.num_train // c.data.batch_size
-    c.train.steps = 200 * steps_per_epoch        # 200 epochs
-    c.train.learning_rate = 1e-3
-    c.train.schedule = "cosine"
-    c.train.warmup_steps = steps_per_epoch
-    c.train.weight_decay = 0.0
+    c = pathfinder.published(variant, "pathx", keys, resolution=128)
+    c.model.pos_embedding = "learned"             # the pathfinder128 base config
+    c.data.update(batch_size=64, eval_batch_size=64)
+    common.epochs_cosine(c, c.data.num_train, epochs=200, learning_rate=1e-3)
     c.train.grad_clip = 1.0
-    c.train.eval_every = steps_per_epoch
-    c.train.checkpoint_every = steps_per_epoch
-
     if "tiny" in flags:
         pathfinder.set_data(c, 32, c.data.difficulty)
         pathfinder.shrink_tiny(c)

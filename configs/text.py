@@ -21,29 +21,11 @@ def get_config(arg=None):
     variant, flags, keys = common.parse_arg(
         arg, known_flags=("tiny", "val_from_train"), known_keys=("len",))
     c = common.base_config("text", variant)
-    c.model.num_layers = 4
-    c.model.num_heads = 4
-    c.model.emb_dim = 256
-    c.model.qkv_dim = 256
-    c.model.mlp_dim = 1024
-    c.model.dropout_rate = 0.1
-    c.model.attention_dropout_rate = 0.1
-    c.model.pooling = "cls"
-    c.model.pos_embedding = "sinusoidal"
-
-    c.data.max_len = int(keys.get("len", 1000))   # bytes per review (truncated)
-    c.data.batch_size = 32
-    c.data.val_from_train = "val_from_train" in flags   # False: validation = test split (LRA)
-    c.data.val_fraction = 0.1                      # with val_from_train: share of train held out
-
-    c.train.steps = 20000
-    c.train.learning_rate = 0.05
-    c.train.schedule = "rsqrt"
-    c.train.warmup_steps = 8000
-    c.train.weight_decay = 0.1
-    c.train.eval_every = 1000
-    c.train.checkpoint_every = 1000
-
+    c.model.update(num_heads=4, emb_dim=256, qkv_dim=256)     # LRA text: 4 heads, width 256
+    c.data.max_len = int(keys.get("len", 1000))               # bytes per review (truncated)
+    c.data.val_from_train = "val_from_train" in flags         # False: validation = test (LRA)
+    c.data.val_fraction = 0.1                                 # with val_from_train: held out
+    c.train.update(steps=20000, warmup_steps=8000, eval_every=1000, checkpoint_every=1000)
     if "tiny" in flags:
         common.shrink_tiny(c, max_len=64)
     return c
