@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import time
 
 from tools.common import header_lines, machine_info, markdown_table, write_csv, write_text
+from tools.compiled import compile_fn, has_loop, matmul_flops, memory, xla_flops
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 
@@ -50,29 +50,6 @@ def hparams(name: str, n: int, task: str) -> dict:
     return hp
 
 
-def subjaxprs(eqn):
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            sub = getattr(item, "jaxpr", item)
-            if hasattr(sub, "eqns"):
-                yield sub
-
-
-def matmul_flops(jaxpr) -> float:
-    """2 * multiply-adds of every dot_general, scan bodies counted `length` times."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
-                lhs[d] for d in contract)
-            continue
-        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        total += times * sum(matmul_flops(sub) for sub in subjaxprs(eqn))
-    return total
-
-
 def build(name: str, n: int, *, batch: int, heads: int, head_dim: int, task: str):
     """-> (compiled fwd+bwd, its arguments' shapes, hyperparameters, cost dict)."""
     import jax
@@ -95,19 +72,14 @@ def build(name: str, n: int, *, batch: int, heads: int, head_dim: int, task: str
     x = jax.ShapeDtypeStruct((batch, n, heads, head_dim), jnp.float32)  # [B, T, H, D]
     shapes = (x, x, x, jax.ShapeDtypeStruct((batch, n), jnp.bool_), x,
               jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arrays))
-    t0 = time.perf_counter()
-    compiled = jax.jit(step).lower(*shapes).compile()
-    compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    mem = compiled.memory_analysis()
-    looped = "while(" in compiled.as_text()
+    compiled, compile_s = compile_fn(step, shapes)
+    mem = memory(compiled)
+    looped = has_loop(compiled)
     # XLA's cost analysis counts a while-loop body once; count loops' matmuls from the jaxpr.
-    flops = matmul_flops(jax.make_jaxpr(step)(*shapes).jaxpr) if looped else cost["flops"]
+    flops = matmul_flops(jax.make_jaxpr(step)(*shapes).jaxpr) if looped else xla_flops(compiled)
     info = {"flops": float(flops), "flops_from_jaxpr": looped,
-            "temp_bytes": int(mem.temp_size_in_bytes),
-            "buffer_bytes": int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                                + mem.output_size_in_bytes),
+            "temp_bytes": mem["temp_bytes"],
+            "buffer_bytes": mem["temp_bytes"] + mem["argument_bytes"] + mem["output_bytes"],
             "compile_s": compile_s}
     return compiled, arrays, hp, info
 

@@ -31,6 +31,7 @@ import sys
 import time
 
 from tools.bench_attention import near_square
+from tools.compiled import memory, xla_flops
 from tools.common import (REPO_ROOT, header_lines, machine_info, markdown_table,
                           shared_machine_note, write_csv, write_text)
 
@@ -71,28 +72,6 @@ def bench_config(variant: str, model: str = "lra", overrides: dict | None = None
     # compares the attention mechanisms at equal work (residual dropout stays as configured).
     c.model.attention_dropout_rate = 0.0
     return c, source
-
-
-def _memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    if m is None:
-        return {}
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
-    return {"compiled_bytes": int(total), "temp_bytes": int(m.temp_size_in_bytes),
-            "argument_bytes": int(m.argument_size_in_bytes),
-            "output_bytes": int(m.output_size_in_bytes),
-            "alias_bytes": int(m.alias_size_in_bytes),
-            "xla_peak_bytes": int(getattr(m, "peak_memory_in_bytes", 0) or 0)}
-
-
-def _flops(compiled):
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops")) if cost and cost.get("flops") is not None else None
-    except Exception:  # noqa: BLE001  (some backends do not report it)
-        return None
 
 
 def over_cap(cell: dict, max_memory_gb: float | None) -> str | None:
@@ -139,8 +118,8 @@ class Cell:
         self.compiled = step_fn.lower(self.state, self.batch,
                                       jnp.asarray(0, jnp.int32)).compile()
         self.info["compile_seconds"] = round(time.perf_counter() - t0, 2)
-        self.info.update(_memory(self.compiled))
-        self.info["step_flops"] = _flops(self.compiled)
+        self.info.update(memory(self.compiled))
+        self.info["step_flops"] = xla_flops(self.compiled)
         skip = over_cap(self.info, max_memory_gb)
         if skip:
             self.info["skipped"] = skip

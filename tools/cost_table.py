@@ -20,10 +20,10 @@ import argparse
 import json
 import math
 import os
-import time
 
 from tools import bench_attention
 from tools.common import header_lines, machine_info, markdown_table, write_csv, write_text
+from tools.compiled import compile_fn, has_loop, matmul_flops_bounded, memory, xla_flops
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 
@@ -58,44 +58,6 @@ def attention_call(name: str, length: int, *, batch: int = 1, heads: int = 4,
     return f, (q, q, q, mask, params, buffers), hp
 
 
-def _subjaxprs(params):
-    for key, value in params.items():
-        items = value if isinstance(value, (tuple, list)) else (value,)
-        for item in items:
-            jaxpr = getattr(item, "jaxpr", item)
-            if hasattr(jaxpr, "eqns"):
-                yield key, jaxpr
-
-
-def jaxpr_matmul_flops(jaxpr) -> tuple[float, bool]:
-    """(2 * multiply-adds of every dot_general, with scan bodies counted `length` times and the
-    costliest branch of a cond; True if a while loop of unknown trip count was counted once,
-    i.e. a lower bound). tools.bench_attention.matmul_flops counts the same for loop-free and
-    scan programs; this one also bounds cond and while."""
-    total, bounded = 0.0, False
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            contract = math.prod(lhs[d] for d in lhs_contract)
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * contract
-            continue
-        subs = list(_subjaxprs(eqn.params))
-        if name == "cond":
-            counts = [jaxpr_matmul_flops(j) for k, j in subs if k == "branches"]
-            total += max((c for c, _ in counts), default=0.0)
-            bounded |= any(b for _, b in counts)
-            continue
-        mult = eqn.params.get("length", 1) if name == "scan" else 1
-        bounded |= name == "while"
-        for _, sub in subs:
-            c, b = jaxpr_matmul_flops(sub)
-            total += mult * c
-            bounded |= b
-    return total, bounded
-
-
 def compiled_cost(f, args, *, grad: bool = False) -> dict:
     """FLOPs and temp bytes of jit(f) (or of its forward+backward when grad) at args."""
     import jax
@@ -110,19 +72,15 @@ def compiled_cost(f, args, *, grad: bool = False) -> dict:
         fn = g
     else:
         fn = f
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    seconds = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    mem = compiled.memory_analysis()
-    matmul, bounded = jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
-    hlo = compiled.as_text() or ""
-    return {"flops": float(cost.get("flops", float("nan"))) if cost else None,
-            "temp_bytes": int(mem.temp_size_in_bytes) if mem is not None else None,
+    compiled, seconds = compile_fn(fn, args)
+    mem = memory(compiled)
+    matmul, bounded = matmul_flops_bounded(jax.make_jaxpr(fn)(*args).jaxpr)
+    flops = xla_flops(compiled)
+    return {"flops": flops if flops is not None else None,
+            "temp_bytes": mem.get("temp_bytes"),
             "matmul_flops": matmul, "matmul_lower_bound": bounded,
             # XLA's cost analysis counts a while-loop body once, whatever its trip count.
-            "has_loop": " while(" in hlo or "= while" in hlo or " while " in hlo,
+            "has_loop": has_loop(compiled),
             "compile_seconds": round(seconds, 2)}
 
 

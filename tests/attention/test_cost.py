@@ -23,7 +23,7 @@ import pytest
 
 import attention
 from tests.attention.compile_options import FAST_COMPILE
-from tools.bench_attention import matmul_flops, subjaxprs
+from tools.compiled import matmul_flops, subjaxprs
 
 NAMES = attention.names()
 B, H, D = 1, 2, 32
