@@ -33,6 +33,7 @@ from lra import pipeline
 from models import build_model, count_params
 from training import objectives, optim
 from training.checkpoint import Checkpoints
+from training.init_from import load_pretrained
 from training.metrics import MetricsWriter, NonFiniteError, TrainMonitor, write_json
 from training.validate import ConfigError, validate_config
 
@@ -59,8 +60,9 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def make_train_step(graphdef, seed: int, objective: str = "classify"):
-    loss_of = objectives.get(objective)
+def make_train_step(graphdef, seed: int, objective="classify"):
+    """objective: a name in objectives.OBJECTIVES or the objective function itself."""
+    loss_of = objective if callable(objective) else objectives.get(objective)
 
     def train_step(state, batch, step):
         model, opt = nnx.merge(graphdef, state)
@@ -88,8 +90,8 @@ def make_train_step(graphdef, seed: int, objective: str = "classify"):
     return train_step
 
 
-def make_eval_step(graphdef, objective: str = "classify"):
-    loss_of = objectives.get(objective)
+def make_eval_step(graphdef, objective="classify"):
+    loss_of = objective if callable(objective) else objectives.get(objective)
 
     def eval_step(state, batch):
         model, _ = nnx.merge(graphdef, state)
@@ -130,6 +132,17 @@ class Setup:
     eval_step: Callable
     num_params: int
     lr: Callable                    # the learning-rate schedule (for the logs)
+    init: dict | None = None        # train.init_from: where the encoder came from
+
+
+def model_and_optimizer(config, task):
+    """The model the config's objective trains on `task` (objectives.model_spec) and its
+    optimizer, freshly initialised from config.seed."""
+    model = build_model(config, num_classes=task.num_classes, vocab_size=task.vocab_size,
+                        max_len=task.max_len, pair=task.pair, grid_shape=task.grid_shape,
+                        seed=config.seed,
+                        **objectives.model_spec(config.train.get("objective", "classify")))
+    return model, nnx.Optimizer(model, optim.optimizer(config.train), wrt=nnx.Param)
 
 
 def setup(config) -> Setup:
@@ -143,14 +156,18 @@ def setup(config) -> Setup:
         if config.data[field] % ndev:
             raise ConfigError(f"data.{field}={config.data[field]} must be divisible by the "
                               f"number of devices ({ndev})")
-    model = build_model(config, num_classes=task.num_classes, vocab_size=task.vocab_size,
-                        max_len=task.max_len, pair=task.pair, grid_shape=task.grid_shape,
-                        seed=config.seed)
-    opt = nnx.Optimizer(model, optim.optimizer(config.train), wrt=nnx.Param)
+    objective = config.train.get("objective", "classify")
+    objectives.check_task(objective, task, config.attention.name)
+    model, opt = model_and_optimizer(config, task)
+    init = None
+    if config.train.get("init_from", ""):
+        init = load_pretrained(model, config.train.init_from, config, task=task,
+                               build_state=lambda c, t: nnx.state(model_and_optimizer(c, t)))
+        opt = nnx.Optimizer(model, optim.optimizer(config.train), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    objective = config.train.get("objective", "classify")
-    return Setup(task=task, mesh=mesh, graphdef=graphdef, state=state,
+    objective = objectives.get(objective, config)
+    return Setup(task=task, mesh=mesh, graphdef=graphdef, state=state, init=init,
                  data_sharding=NamedSharding(mesh, P("data")),
                  train_step=jax.jit(make_train_step(graphdef, config.seed, objective),
                                     donate_argnums=0),
@@ -277,6 +294,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     results.update(wall_time_sec=time.time() - t_start, environment=environment(),
                    config=json.loads(config.to_json()))
     write_json(os.path.join(workdir, "results.json"), results)
+    if "test_bits_per_byte" in results:
+        print(f"test bits per byte {results['test_bits_per_byte']:.4f} (validation "
+              f"{results['validation_bits_per_byte']:.4f})", flush=True)
     print(f"test accuracy {results['test_accuracy']:.4f} (majority class "
           f"{results['test_majority_rate']:.4f}), best validation "
           f"{results['best_val_accuracy']:.4f} at step {results['best_val_step']}", flush=True)
@@ -333,4 +353,13 @@ def _run(config, s: Setup, ckpt: Checkpoints, writer: MetricsWriter, resume: Res
             "validation_accuracy": final["validation"]["accuracy"],
             "best_val_accuracy": best["accuracy"], "best_val_step": best["step"],
             "test_majority_rate": task.majority_rate("test"), "num_params": s.num_params,
-            "task_info": task.info}
+            "objective": tcfg.get("objective", "classify"), **_lm_results(config, final),
+            **({"init_from": s.init} if s.init else {}), "task_info": task.info}
+
+
+def _lm_results(config, final: dict) -> dict:
+    """Bits per byte (per token: byte-level tasks) of a causal_lm run: mean loss / ln 2."""
+    if config.train.get("objective", "classify") != "causal_lm":
+        return {}
+    return {f"{split}_bits_per_byte": final[split]["loss"] / float(np.log(2.0))
+            for split in ("validation", "test")}

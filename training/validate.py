@@ -100,6 +100,13 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "train.keep_checkpoints": integer(1),
     "train.distributed": boolean,
     "train.change_on_resume": boolean,
+    "train.objective": choice("classify", "denoise", "causal_lm"),
+    "train.mask_rate": number(0.0, 1.0, lo_open=True),
+    "train.init_from": lambda v: None if isinstance(v, str) else "a workdir path (str) or ''",
+    "data.validation_fraction": number(0.0, 1.0, lo_open=True, hi_open=True),
+    "data.test_fraction": number(0.0, 1.0, lo_open=True, hi_open=True),
+    "data.train_bytes": integer(0),
+    "data.eval_bytes": integer(0),
 }
 
 
