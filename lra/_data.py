@@ -115,3 +115,20 @@ class SubsetSource:
 
     def labels(self) -> np.ndarray:
         return np.asarray(self.source.labels())[self.indices]
+
+
+def progress(total: int | None, desc: str, unit: str = "ex", initial: int = 0,
+             delay: float = 0.0):
+    """A progress bar on stderr with count, rate and ETA, for everything a person waits for
+    (data generation, evaluation passes), shown once `delay` seconds have passed. On a terminal
+    it redraws twice a second; when stderr is a file or a pipe it writes a line every 30 s.
+    LRA_PROGRESS=0 turns the bars off."""
+    import os
+    import sys
+
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=tty,
+                mininterval=0.5 if tty else 30.0, smoothing=0.1, file=sys.stderr, delay=delay,
+                disable=os.environ.get("LRA_PROGRESS", "1") == "0")

@@ -4,13 +4,16 @@ Generator (faithful to LRA's): a tree is drawn recursively from depth 1; below m
 is a leaf (a digit 0-9) when r ~ U(0, 1) > 0.25, else an operator (MIN, MAX, MED = int of the
 median, SM = sum mod 10) over randint(2, max_args) children; at max_depth it is a leaf. Length
 counts leaves plus 2 per operator (its token and the closing `]`). Trees with
-min_length < length < max_length are kept, duplicates dropped.
+min_length < length < max_length are kept, duplicates dropped. The random stream comes in
+chunks of CHUNK kept trees, chunk k drawn from Random((seed, k)) and taken in order, so chunks
+run in parallel processes and the data depends on the seed only.
 
 Release format: TSV with a `Source\\tTarget` header, every operator application written as a
 left-nested chain of binary pairs in parentheses, e.g. MAX(2, MIN(9, 4)) is
 `( ( ( [MAX 2 ) ( ( ( [MIN 9 ) 4 ) ] ) ) ] )`. Readers drop `(` and `)`, leaving prefix tokens.
 
     python -m lra.listops --out_dir DIR --num_train N --num_val N --num_test N --seed S
+        [--processes P]   (every core by default; the files depend on the seed, not on P)
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import os
 import random
 import statistics
 import sys
+import time
 from typing import Iterable
 
 import numpy as np
 
+from lra._data import progress
 from lra.base import Task, register_task
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -82,23 +87,82 @@ def to_release_string(tree) -> str:
     return f"( {s} {END} )"
 
 
+CHUNK = 64   # candidates per unit of work; the data depends on (seed, CHUNK), not on processes
+
+
+def generate_chunk(seed: int, k: int, *, min_length: int = 500, max_length: int = 2000,
+                   max_depth: int = 10, max_args: int = 10) -> list[tuple[str, int]]:
+    """Chunk k of the candidate stream: the first CHUNK trees of Random((seed, k)) with
+    min_length < length < max_length, as (release string, label) pairs."""
+    rng = random.Random(f"listops:{seed}:{k}")
+    out = []
+    while len(out) < CHUNK:
+        tree, length = generate_tree(rng, 1, max_depth, max_args)
+        if min_length < length < max_length:
+            out.append((to_release_string(tree), evaluate(tree)))
+    return out
+
+
+def _chunk_job(args):
+    seed, k, kw = args
+    return generate_chunk(seed, k, **kw)
+
+
 def generate(num: int, seed: int, *, min_length: int = 500, max_length: int = 2000,
-             max_depth: int = 10, max_args: int = 10, exclude: Iterable[str] = ()) -> list[tuple[str, int]]:
-    """`num` distinct (release string, label) pairs with min_length < length < max_length."""
+             max_depth: int = 10, max_args: int = 10, exclude: Iterable[str] = (),
+             processes: int = 1, parallel_after_s: float = 10.0,
+             desc: str | None = None) -> list[tuple[str, int]]:
+    """`num` distinct (release string, label) pairs with min_length < length < max_length.
+
+    Candidates come in chunks (generate_chunk, seeded by (seed, chunk number)) taken in chunk
+    order, duplicates dropped, so the result depends on the seed only: not on `processes`, nor
+    on when the work moved to them. Chunks run in this process until the first ones project
+    more than `parallel_after_s` seconds of work; then in `processes` worker processes
+    (spawned). `desc`: show a progress bar (count, rate, ETA) with this label."""
     if min_length + 1 >= max_length:
         raise ValueError(f"listops: need min_length + 1 < max_length; got {min_length}, {max_length}")
-    rng = random.Random(seed)
+    if num < 0 or processes < 1:
+        raise ValueError(f"listops: need num >= 0 and processes >= 1; got {num}, {processes}")
+    kw = dict(min_length=min_length, max_length=max_length, max_depth=max_depth,
+              max_args=max_args)
     seen = set(exclude)
-    out = []
-    while len(out) < num:
-        tree, length = generate_tree(rng, 1, max_depth, max_args)
-        if not min_length < length < max_length:
-            continue
-        s = to_release_string(tree)
-        if s in seen:
-            continue
-        seen.add(s)
-        out.append((s, evaluate(tree)))
+    out: list[tuple[str, int]] = []
+    bar = progress(num, desc) if desc else None
+    pool, k = None, 0
+    t0 = time.perf_counter()
+    try:
+        while len(out) < num:
+            # a wave of chunks (at least enough for what is missing, were there no duplicates)
+            wave = max(-(-(num - len(out)) // CHUNK), 1)
+            if pool is None and processes > 1 and out:
+                per_example = (time.perf_counter() - t0) / len(out)
+                if per_example * (num - len(out)) > parallel_after_s:
+                    import multiprocessing
+                    pool = multiprocessing.get_context("spawn").Pool(processes)
+            if pool is None:
+                wave = 1 if processes > 1 else wave   # measure before deciding on workers
+                results = (generate_chunk(seed, j, **kw) for j in range(k, k + wave))
+            else:
+                wave = max(wave, processes)
+                results = pool.imap(_chunk_job, [(seed, j, kw) for j in range(k, k + wave)])
+            for rows in results:
+                before = len(out)
+                for s, label in rows:
+                    if len(out) == num:
+                        break
+                    if s not in seen:
+                        seen.add(s)
+                        out.append((s, label))
+                if bar is not None:
+                    bar.update(len(out) - before)
+                if len(out) == num:
+                    break
+            k += wave
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if bar is not None:
+            bar.close()
     return out
 
 
@@ -112,11 +176,14 @@ def write_tsv(path: str, rows: list[tuple[str, int]]) -> None:
 
 
 def generate_files(out_dir: str, *, num_train: int, num_val: int, num_test: int, seed: int,
-                   min_length: int = 500, max_length: int = 2000) -> dict[str, str]:
-    """Writes basic_{train,val,test}.tsv in the release format; no duplicates across splits."""
+                   min_length: int = 500, max_length: int = 2000, processes: int = 1,
+                   progress_bar: bool = False) -> dict[str, str]:
+    """Writes basic_{train,val,test}.tsv in the release format; no duplicates across splits.
+    The files depend on the seed and sizes only, not on `processes`."""
     os.makedirs(out_dir, exist_ok=True)
     rows = generate(num_train + num_val + num_test, seed, min_length=min_length,
-                    max_length=max_length)
+                    max_length=max_length, processes=processes,
+                    desc="listops: generating" if progress_bar else None)
     parts = {"train": rows[:num_train], "validation": rows[num_train:num_train + num_val],
              "test": rows[num_train + num_val:]}
     paths = {}
@@ -233,7 +300,8 @@ def _load_split(path: str, max_len: int) -> TokenSource:
 
 def generated_dir(cfg) -> str:
     spec = dict(seed=cfg.get("gen_seed", 0), num_train=cfg.num_train, num_val=cfg.num_val,
-                num_test=cfg.num_test, min_length=cfg.min_length, max_length=cfg.max_length)
+                num_test=cfg.num_test, min_length=cfg.min_length, max_length=cfg.max_length,
+                chunk=CHUNK)   # chunk: the generator's layout (data made before it differs)
     tag = "_".join(f"{k}{v}" for k, v in spec.items())
     return os.path.join(cfg.cache_dir, "listops", tag)
 
@@ -255,10 +323,12 @@ def build(cfg) -> Task:
         done = os.path.join(data_dir, "DONE")
         if not os.path.exists(done):
             print(f"listops: generating {cfg.num_train}/{cfg.num_val}/{cfg.num_test} examples "
-                  f"into {data_dir} (once; reused afterwards)", file=sys.stderr)
+                  f"into {data_dir} (once; reused afterwards; {os.cpu_count()} processes once "
+                  f"it takes long)", file=sys.stderr)
             generate_files(data_dir, num_train=cfg.num_train, num_val=cfg.num_val,
                            num_test=cfg.num_test, seed=cfg.get("gen_seed", 0),
-                           min_length=cfg.min_length, max_length=cfg.max_length)
+                           min_length=cfg.min_length, max_length=cfg.max_length,
+                           processes=os.cpu_count() or 1, progress_bar=True)
             with open(done, "w") as f:
                 json.dump({"generator": "lra.listops", "seed": cfg.get("gen_seed", 0)}, f)
         origin = f"generated in {data_dir}"
@@ -278,13 +348,20 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min_length", type=int, default=500)
     p.add_argument("--max_length", type=int, default=2000)
+    p.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                   help="worker processes once generation takes more than a few seconds "
+                        "(default: every core); the files do not depend on it")
     a = p.parse_args(argv)
     for name in ("num_train", "num_val", "num_test"):
         if getattr(a, name) < 0:
-            p.error(f"--{name} must be >= 0")
+            p.error(f"--{name} must be >= 0; got {getattr(a, name)}")
+    if a.processes < 1:
+        p.error(f"--processes must be >= 1; got {a.processes}")
+    if a.min_length + 1 >= a.max_length:
+        p.error(f"need --min_length + 1 < --max_length; got {a.min_length}, {a.max_length}")
     paths = generate_files(a.out_dir, num_train=a.num_train, num_val=a.num_val,
                            num_test=a.num_test, seed=a.seed, min_length=a.min_length,
-                           max_length=a.max_length)
+                           max_length=a.max_length, processes=a.processes, progress_bar=True)
     for split, path in paths.items():
         print(f"{split}: {path}")
 

@@ -39,6 +39,7 @@ import sys
 import numpy as np
 
 from lra import _pathfinder_gen as gen
+from lra._data import progress
 from lra.base import Task, register_task
 
 DIFFICULTIES = gen.DIFFICULTIES
@@ -55,16 +56,61 @@ class GeneratedSource:
     """Examples offset .. offset + num - 1 of the generated stream; random access.
 
     get_batch generates the images it has not made yet in one vectorised call and (memoize)
-    keeps them, so later epochs cost a gather."""
+    keeps them, so later epochs cost a gather. Pickled (for the pipeline's worker processes),
+    the memo moves into a file that every copy maps: an image drawn by any worker is drawn once
+    for all of them and for this process (a race draws it twice, identically)."""
 
     def __init__(self, settings: gen.Settings, seed: int, offset: int, num: int,
                  memoize: bool = True):
         self.settings, self.seed, self.offset, self.num = settings, seed, offset, num
         side = settings.resolution
         self.memoize = memoize
+        self._shared = None                 # path of the memo file once shared
         if memoize:   # np.zeros pages are only allocated when written
             self._store = np.zeros((num, side * side), np.uint8)
             self._have = np.zeros(num, bool)
+
+    def pending(self, indices) -> int:
+        """How many of these examples get_batch would draw (not memoized yet)."""
+        indices = np.asarray(indices, np.int64)
+        return len(indices) if not self.memoize else int((~self._have[indices]).sum())
+
+    def _map(self, path: str, mode: str) -> None:
+        pixels = self.settings.resolution ** 2
+        self._have = np.memmap(path, np.bool_, mode, offset=0, shape=(self.num,))
+        self._store = np.memmap(path, np.uint8, mode, offset=self.num,
+                                shape=(self.num, pixels))
+
+    def _share(self) -> str:
+        """Moves the memo into a (sparse) file under the temp dir, removed with this object."""
+        if self._shared is None:
+            import shutil
+            import tempfile
+            import weakref
+
+            folder = tempfile.mkdtemp(prefix="lra_pathfinder_memo_")
+            path = os.path.join(folder, "memo.u8")
+            have, store = self._have, self._store
+            with open(path, "wb") as f:
+                f.truncate(self.num * (1 + store.shape[1]))
+            self._map(path, "r+")
+            done = np.flatnonzero(have)
+            self._store[done] = store[done]
+            self._have[done] = True
+            self._shared = path
+            weakref.finalize(self, shutil.rmtree, folder, True)
+        return self._shared
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.memoize:
+            state.update(_shared=self._share(), _store=None, _have=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.memoize:
+            self._map(self._shared, "r+")
 
     def __len__(self):
         return self.num
@@ -295,46 +341,69 @@ def build_pathx(cfg) -> Task:
 
 
 # ----------------------------------------------------------------------------- command line
-def _write_batch(args) -> None:
-    """Writes imgs/<batch>/ and metadata/<batch>.npy of one batch folder."""
+def _write_chunk(args) -> tuple[int, list[tuple[int, str]]]:
+    """Writes the PNGs of images lo..hi-1 into imgs/<batch>/; -> (batch, metadata rows)."""
     from PIL import Image
 
-    base, resolution, difficulty, seed, batch, lo, hi, chunk = args
+    base, resolution, difficulty, seed, batch, first, lo, hi = args
     st = gen.settings(resolution, difficulty)
     sub = f"imgs/{batch}"
     os.makedirs(os.path.join(base, sub), exist_ok=True)
+    idx = np.arange(lo, hi)
+    images, labels = gen.generate(st, seed, idx)
+    margins = gen.margins_for(st, seed, idx)
     rows = []
-    for start in range(lo, hi, chunk):
-        idx = np.arange(start, min(start + chunk, hi))
-        images, labels = gen.generate(st, seed, idx)
-        margins = gen.margins_for(st, seed, idx)
-        for i, img, label, margin in zip(idx, images, labels, margins):
-            k = int(i - lo)
-            Image.fromarray(img).save(os.path.join(base, sub, f"sample_{k}.png"))
-            rows.append(f"{sub} sample_{k}.png {k} {int(label)} {st.continuity} "
+    for i, img, label, margin in zip(idx, images, labels, margins):
+        k = int(i - first)
+        Image.fromarray(img).save(os.path.join(base, sub, f"sample_{k}.png"))
+        rows.append((k, f"{sub} sample_{k}.png {k} {int(label)} {st.continuity} "
                         f"{st.contour_length} {st.distractor_length} {st.paddle_length} "
-                        f"{st.paddle_thickness} {int(margin)} 1")
-    with open(os.path.join(base, "metadata", f"{batch}.npy"), "w") as f:
-        f.write("\n".join(rows) + "\n")
+                        f"{st.paddle_thickness} {int(margin)} 1"))
+    return batch, rows
 
 
 def write_release(out_dir: str, resolution: int, difficulty: str, num: int, seed: int,
-                  per_batch: int = 1000, chunk: int = 256, processes: int = 1) -> str:
+                  per_batch: int = 1000, chunk: int = 256, processes: int = 1,
+                  progress_bar: bool = False) -> str:
     """Writes generated images 0..num-1 in the release layout; returns the folder.
-    processes > 1 writes batch folders in parallel (the images do not depend on it)."""
+    Chunks of `chunk` images are drawn in `processes` spawned worker processes when > 1; the
+    files do not depend on it (image i is a function of (seed, i)). progress_bar: count, rate
+    and ETA on stderr."""
     gen.settings(resolution, difficulty)            # validates
+    if num < 1 or per_batch < 1 or chunk < 1 or processes < 1:
+        raise ValueError(f"pathfinder: num, per_batch, chunk and processes must be >= 1; got "
+                         f"{num}, {per_batch}, {chunk}, {processes}")
     base = os.path.join(out_dir, f"pathfinder{resolution}", DIFFICULTY_DIRS[difficulty])
     os.makedirs(os.path.join(base, "metadata"), exist_ok=True)
-    jobs = [(base, resolution, difficulty, seed, b, b * per_batch,
-             min((b + 1) * per_batch, num), chunk) for b in range(-(-num // per_batch))]
-    if processes > 1:
+    jobs, batches = [], -(-num // per_batch)
+    for b in range(batches):
+        first, last = b * per_batch, min((b + 1) * per_batch, num)
+        jobs += [(base, resolution, difficulty, seed, b, first, lo, min(lo + chunk, last))
+                 for lo in range(first, last, chunk)]
+    rows: dict[int, list] = {b: [] for b in range(batches)}
+    left = {b: sum(1 for j in jobs if j[4] == b) for b in range(batches)}
+    bar = progress(num, f"pathfinder{resolution} {difficulty}: generating", "img") \
+        if progress_bar else None
+    pool = None
+    if min(processes, len(jobs)) > 1:
         import multiprocessing
 
-        with multiprocessing.get_context("spawn").Pool(processes) as pool:
-            pool.map(_write_batch, jobs)
-    else:
-        for job in jobs:
-            _write_batch(job)
+        pool = multiprocessing.get_context("spawn").Pool(min(processes, len(jobs)))
+    try:
+        done = pool.imap_unordered(_write_chunk, jobs) if pool else map(_write_chunk, jobs)
+        for b, chunk_rows in done:
+            rows[b] += chunk_rows
+            left[b] -= 1
+            if not left[b]:   # a batch's metadata is written once all its images are
+                with open(os.path.join(base, "metadata", f"{b}.npy"), "w") as f:
+                    f.write("\n".join(r for _, r in sorted(rows.pop(b))) + "\n")
+            if bar is not None:
+                bar.update(len(chunk_rows))
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if bar is not None:
+            bar.close()
     return base
 
 
@@ -396,12 +465,15 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=200000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per_batch", type=int, default=1000, help="images per imgs/<batch> folder")
-    p.add_argument("--processes", type=int, default=1, help="batch folders written in parallel")
+    p.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                   help="worker processes drawing images (default: every core); the files do "
+                        "not depend on it")
     a = p.parse_args(argv)
-    if a.num < 1 or a.per_batch < 1 or a.processes < 1:
-        p.error("--num, --per_batch and --processes must be >= 1")
+    for name in ("num", "per_batch", "processes"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name} must be >= 1; got {getattr(a, name)}")
     base = write_release(a.out_dir, a.resolution, a.difficulty, a.num, a.seed, a.per_batch,
-                         processes=a.processes)
+                         processes=a.processes, progress_bar=True)
     print(f"wrote {a.num} images to {base}")
 
 

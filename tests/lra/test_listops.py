@@ -184,3 +184,29 @@ def test_cli_writes_release_layout(tmp_path):
         assert (tmp_path / name).exists()
     seqs, labels = L.read_tsv(str(tmp_path / "basic_val.tsv"))
     assert len(seqs) == 2
+
+
+def test_same_data_whatever_the_number_of_processes(tmp_path):
+    """Chunks seeded by (seed, chunk) and taken in order: 1 process, 2 spawned workers from the
+    start, or a switch to workers midway all give the same files."""
+    kw = dict(num_train=150, num_val=20, num_test=20, seed=5, min_length=10, max_length=90)
+    serial = L.generate_files(str(tmp_path / "p1"), processes=1, **kw)
+    parallel = L.generate(190, 5, min_length=10, max_length=90, processes=2,
+                          parallel_after_s=0.0)
+    assert parallel == L.generate(190, 5, min_length=10, max_length=90)
+    for split, path in serial.items():
+        with open(path) as f:
+            rows = [tuple(line.rstrip("\n").split("\t")) for line in f][1:]
+        lo = {"train": 0, "validation": 150, "test": 170}[split]
+        assert rows == [(s, str(y)) for s, y in parallel[lo:lo + len(rows)]]
+
+
+def test_chunk_stream_is_a_prefix_and_distinct_per_chunk():
+    a = L.generate(L.CHUNK + 5, 2, min_length=10, max_length=90)
+    b = L.generate(3, 2, min_length=10, max_length=90)
+    assert a[:3] == b                     # more examples extend the same stream
+    c0 = L.generate_chunk(2, 0, min_length=10, max_length=90)
+    c1 = L.generate_chunk(2, 1, min_length=10, max_length=90)
+    assert len(c0) == len(c1) == L.CHUNK and c0 != c1
+    with pytest.raises(ValueError, match="processes >= 1"):
+        L.generate(3, 2, processes=0)

@@ -176,3 +176,18 @@ def test_command_line_writes_release_and_renders_grid(tmp_path):
     pathfinder.main(["render", "--out", str(out), "--num", "4", "--cols", "2"])
     grid = Image.open(out)
     assert grid.size == (2 * (128 + 4) + 4, 2 * (128 + 14 + 4) + 4)
+
+
+def test_release_files_do_not_depend_on_the_number_of_processes(tmp_path):
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file()}
+    for procs in (1, 2):
+        pathfinder.write_release(str(tmp_path / f"p{procs}"), 32, "easy", num=13, seed=2,
+                                 per_batch=5, chunk=3, processes=procs)
+    one, two = files(tmp_path / "p1"), files(tmp_path / "p2")
+    assert one == two and sum(n.endswith(".png") for n in one) == 13
+    meta = (tmp_path / "p2" / "pathfinder32" / "curv_baseline" / "metadata" / "1.npy").read_text()
+    assert [row.split()[1] for row in meta.splitlines()] == [f"sample_{k}.png" for k in range(5)]
+    with pytest.raises(ValueError, match="processes must be >= 1"):
+        pathfinder.write_release(str(tmp_path), 32, "easy", num=2, seed=0, processes=0)
