@@ -11,6 +11,13 @@ Stages, in order (each writes under --out, default results/):
           the CPU-sized config) into --sweep-root (not committed: checkpoints)
   report  tools.report on --sweep-root: results/accuracy.md (+ csv, params), and the attention
           map of one trained fixed-pattern variant (results/masks/attention_*.png)
+  lm      tools.sweep on task lm (`small`, --lm-variants, --lm-set), logs archived (no
+          checkpoints) to results/runs/lm_small/, tools.report -> results/lm_cpu.md: bits per
+          byte and steps/s per causal variant
+  spt     ListOps `small` from scratch vs self-pretraining (denoise) then fine-tuning with the
+          same total steps, --spt-seeds per variant: two sweeps (scratch: --spt-steps; SPT:
+          half the steps each stage), logs archived to results/runs/spt_listops/, report ->
+          results/spt_listops_cpu.md (mean ± std over seeds)
   speed   tools.bench_speed: steps/s and memory of a training step, 1K-4K (last: it is the
           stage most disturbed by other jobs; run it on a quiet machine)
   plots   tools.plots of the JSON files above
@@ -27,7 +34,18 @@ import os
 import sys
 import time
 
-STAGES = ("cost", "masks", "sweep", "report", "speed", "plots")
+STAGES = ("cost", "masks", "sweep", "report", "lm", "spt", "speed", "plots")
+
+
+# The lm stage's measured settings: 200 steps of the `small` config (context 256), 64 KB per
+# evaluation split, one validation pass at the end.
+LM_SETS = ["train.steps=200", "train.eval_every=200", "train.checkpoint_every=200",
+           "train.log_every=25", "data.eval_bytes=65536"]
+
+
+def spt_roots(root: str) -> tuple[str, str]:
+    """(from-scratch sweep root, SPT sweep root) of the spt stage."""
+    return os.path.join(root, "scratch"), os.path.join(root, "spt")
 
 
 def main(argv=None) -> int:
@@ -49,6 +67,15 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-tasks", default="listops")
     p.add_argument("--sweep-arg", default="small")
     p.add_argument("--sweep-set", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--lm-root", default="workdirs/lm_small")
+    p.add_argument("--lm-variants", default="dense,local,sparse,bigbird,linear,performer")
+    p.add_argument("--lm-set", action="append", metavar="FIELD=VALUE", default=None,
+                   help="overrides of the lm runs (default: the measured settings)")
+    p.add_argument("--spt-root", default="workdirs/spt_listops")
+    p.add_argument("--spt-variants", default="dense,local,performer")
+    p.add_argument("--spt-seeds", default="0,1,2")
+    p.add_argument("--spt-steps", type=int, default=300,
+                   help="total steps per run: scratch trains them all, SPT half + half")
     a = p.parse_args(argv)
     only = [s.strip() for s in a.only.split(",") if s.strip()]
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
@@ -91,6 +118,32 @@ def main(argv=None) -> int:
             pick = ([r for r in pattern if r["variant"] == "local"] or pattern or finished)[:1]
             for r in pick:
                 masks.main(["--workdir", r["workdir"], "--out", os.path.join(out, "masks")])
+        elif stage == "lm":
+            sets = a.lm_set if a.lm_set is not None else LM_SETS
+            args = ["--tasks", "lm", "--variants", a.lm_variants, "--root", a.lm_root,
+                    "--arg", "small"]
+            for item in sets:
+                args += ["--set", item]
+            failed |= sweep.main(args) != 0
+            report.main(["--root", a.lm_root, "--archive", os.path.join(out, "runs"),
+                         "--out", out, "--name", "lm_cpu", "--no-published",
+                         "--title", "Byte-level LM on the Python standard library (task lm)"])
+        elif stage == "spt":
+            roots = spt_roots(a.spt_root)
+            half = a.spt_steps // 2
+            common = ["--tasks", "listops", "--variants", a.spt_variants, "--arg", "small",
+                      "--seeds", a.spt_seeds, "--set", "train.eval_every=100000",
+                      "--set", "train.checkpoint_every=100000"]
+            failed |= sweep.main(common + ["--root", roots[0], "--set",
+                                           f"train.steps={a.spt_steps}", "--set",
+                                           f"train.warmup_steps={a.spt_steps // 10}"]) != 0
+            failed |= sweep.main(common + [
+                "--root", roots[1], "--set", f"train.steps={half}",
+                "--set", f"train.warmup_steps={half // 10}", "--pretrain", "denoise",
+                ]) != 0
+            report.main(["--root", ",".join(roots), "--archive", os.path.join(out, "runs"),
+                         "--out", out, "--name", "spt_listops_cpu",
+                         "--title", "ListOps small: from scratch vs self-pretraining (SPT)"])
         elif stage == "speed":
             bench_speed.main(["--quiet-load", str(a.quiet_load), "--out", out,
                               "--variants", a.variants,

@@ -405,6 +405,29 @@ def build(root: str, out: str, name: str = "accuracy", published: bool = True,
     return report
 
 
+ARCHIVED = ("results.json", "metrics.jsonl", "status.json", "config.json", "error.txt")
+
+
+def archive_runs(root: str, dest: str) -> int:
+    """Copies every run's logs under ROOT (results.json, metrics.jsonl, status.json,
+    config.json, error.txt; seed_<n>/ and pretrain/ runs included; no checkpoints) to the same
+    paths under DEST, so a committed table can be rebuilt from committed logs with
+    `tools.report --root DEST`. Returns the number of files copied."""
+    import shutil
+
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in ("checkpoints", "tensorboard")
+                       and not d.startswith("checkpoints")]
+        for name in filenames:
+            if name in ARCHIVED:
+                target = os.path.join(dest, os.path.relpath(dirpath, root))
+                os.makedirs(target, exist_ok=True)
+                shutil.copyfile(os.path.join(dirpath, name), os.path.join(target, name))
+                n += 1
+    return n
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", required=True, help="sweep root (ROOT/<task>/<variant>/)")
@@ -413,7 +436,15 @@ def main(argv=None):
     p.add_argument("--no-published", action="store_true",
                    help="leave out the LRA paper's numbers")
     p.add_argument("--title", default=None)
+    p.add_argument("--archive", default=None, metavar="DIR",
+                   help="first copy the runs' logs (no checkpoints) to DIR and report from there")
     a = p.parse_args(argv)
+    if a.archive:
+        copied = sum(archive_runs(r.strip(), os.path.join(a.archive, os.path.basename(
+            os.path.normpath(r.strip())))) for r in a.root.split(",") if r.strip())
+        print(f"{copied} log files -> {a.archive}")
+        a.root = ",".join(os.path.join(a.archive, os.path.basename(os.path.normpath(r.strip())))
+                          for r in a.root.split(",") if r.strip())
     report = build(a.root, a.out, a.name, published=not a.no_published, title=a.title)
     print(f"{len(report['runs'])} runs -> {os.path.join(a.out, a.name)}.md")
 

@@ -113,3 +113,28 @@ def test_sweep_fail_resume_skip_and_report(tmp_path, monkeypatch):
     assert f"| dense | {round(100 * res['dense']['test_accuracy'], 2):.2f} (36.37) |" in md
     assert list(rows) == ["dense", b]  # dense first, as the Transformer row of Table 1
     assert "jax " in md and "Machine:" in md
+
+
+def test_pretrain_then_finetune_is_one_entry(tmp_path, monkeypatch):
+    """--pretrain denoise: <workdir>/pretrain trains the denoising objective, then the entry's
+    run starts from its encoder (train.init_from); the report gives it its own row."""
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    root = str(tmp_path / "spt")
+    args = ["--tasks", "listops", "--variants", "dense", "--root", root, "--arg", "tiny",
+            "--seeds", "3", "--pretrain", "denoise", "--pretrain-set", "train.steps=3",
+            "--set", "train.steps=2", "--set", "train.eval_every=100",
+            "--set", "train.checkpoint_every=100"]
+    assert sweep.main(args) == 0
+    wdir = os.path.join(root, "listops", "dense", "seed_3")
+    pre, fine = _results(os.path.join(wdir, "pretrain")), _results(wdir)
+    assert pre["objective"] == "denoise" and pre["steps"] == 3 and pre["config"]["seed"] == 3
+    assert fine["objective"] == "classify" and fine["steps"] == 2
+    assert fine["init_from"]["init_from"] == os.path.abspath(os.path.join(wdir, "pretrain"))
+    assert fine["init_from"]["init_step"] == 3
+    summary = sweep.sweep(["listops"], ["dense"], root, [("train.steps", "2")], "tiny",
+                          echo=lambda *_: None, seeds=[3], pretrain="denoise")
+    assert [r["action"] for r in summary] == ["skipped"]
+    rep = report.build(root, str(tmp_path / "out"))
+    assert rep["accuracy"]["variants"] == ["dense+denoise"]
+    with pytest.raises(ValueError, match="expected comma-separated integers"):
+        sweep.parse_seeds("0,x")
