@@ -8,6 +8,10 @@ blocked form: ordinary query blocks gather their window blocks (shifted slices),
 key blocks (shared) and their random blocks (per-head gather), all in one softmax with each
 block counted once; global query blocks are dense rows. Cost O(n * block_size * (window +
 global + random blocks)).
+
+Deviation (docs/faithfulness.md): the trailing global blocks are the last blocks of the padded
+sequence, so with padding they hold padding (masked: nothing leaks, but the default second
+global block is then wasted); the paper's inputs are not padded.
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ Padded keys and values are zeroed before the convolution and a compressed slot w
 holds no real key is masked, so padding changes nothing. Causal: a query sees the compressed
 slots of the windows that ended at or before it, plus the raw keys of its own (unfinished)
 window up to itself, in one softmax (a compressed slot mixes the whole window, so the current
-window cannot be used compressed). Cost: n^2 / compression.
+window cannot be used compressed). Cost: n^2 / compression; compression="sqrt": ceil(sqrt(n)),
+n the max length given to init_state (the convolution's width then fixes it): O(n sqrt n).
+Deviation (docs/faithfulness.md): the convolution is per head ([H, c, D, D], each head's D
+channels); the paper's convolution mixes the whole model width before the split into heads.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import jax.numpy as jnp
 
 from attention import register
 from attention._buckets import attend
-from attention._util import check_causal, check_int, check_qkv, masked_softmax, scale
+from attention._util import check_causal, check_qkv, int_or_sqrt, masked_softmax, scale
 
 NAME = "compressed"
 DEFAULTS = {"compression": 4}
@@ -24,8 +27,8 @@ DEFAULTS = {"compression": 4}
 
 def init_state(key, *, q_len, kv_len, num_heads, head_dim, compression=4, **unused):
     """params: conv_k, conv_v [H, compression, D, D] (lecun normal)."""
-    del q_len, kv_len, unused
-    check_int(NAME, "compression", compression, 1)
+    del unused
+    compression = int_or_sqrt(NAME, "compression", compression, 1, max(q_len, kv_len))
     kk, kv = jax.random.split(key)
     shape = (num_heads, compression, head_dim, head_dim)
     std = 1.0 / jnp.sqrt(compression * head_dim)
@@ -42,9 +45,11 @@ def compressed_attention(q, k, v, *, kv_mask=None, causal=False, compression=4, 
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; conv_k, conv_v [H, c, D, D] -> [B, Tq, H, Dv]."""
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
-    check_int(NAME, "compression", compression, 1)
+    int_or_sqrt(NAME, "compression", compression, 1)
     b, tq, h, d = q.shape
     tk, dv = k.shape[1], v.shape[-1]
+    if compression == "sqrt" and conv_k is not None and conv_k.ndim == 4:
+        compression = conv_k.shape[1]         # fixed by init_state's max length
     c = compression
     for field, p, last in (("conv_k", conv_k, d), ("conv_v", conv_v, dv)):
         if p is None or tuple(p.shape) != (h, c, last, last):

@@ -5,6 +5,9 @@ then the sequence attends to them: softmax(q (H k)^T / sqrt(d)) (H v).
 No projections live here (the model layer owns them), so the m summaries carry a pooled key
 H k and a pooled value H v. Padded keys are masked in the first softmax. Not causal: every
 summary mixes the whole sequence. Cost: n m.
+Deviation (docs/faithfulness.md): the attention part of ISAB only. The Set Transformer's
+ISAB is two full MAB blocks (projections, residual, LayerNorm and a feed-forward on H between
+the two attentions); here H is the pooled keys/values, with the model layer's projections.
 """
 
 from __future__ import annotations

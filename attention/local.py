@@ -16,6 +16,8 @@
                (the first num_global positions see and are seen by all). Band part + shared
                global keys for ordinary queries, dense rows for the global queries; O(n *
                (window + num_global)).
+               Deviation (docs/faithfulness.md): global attention uses the same q, k, v
+               projections as the window; the paper has separate global projections.
 
 The predicates are attention/patterns.py's, applied to the positions of the gathered keys.
 """
@@ -29,7 +31,7 @@ from attention import patterns, register
 from attention._blocks import (
     dropout_keys, heads_first, kv_mask_or_ones, merge, merge_axes, neighbours, pad_axis,
     pair_mask, partial_attention, round_up, to_blocks)
-from attention._util import check_causal, check_int, check_qkv
+from attention._util import check_causal, check_int, check_qkv, int_or_sqrt
 
 
 def band_block(window: int) -> int:
@@ -139,8 +141,10 @@ def local_attention(q, k, v, *, kv_mask=None, causal=False, window=50, dropout_r
 )
 def strided_attention(q, k, v, *, kv_mask=None, causal=False, stride=64, dropout_rate=0.0,
                       dropout_rng=None):
-    """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv]."""
-    check_int("strided", "stride", stride, 1)
+    """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv].
+    stride="sqrt": ceil(sqrt(n)), n = max(Tq, Tk) (the padded length)."""
+    check_qkv("strided", q, k, v, kv_mask)
+    stride = int_or_sqrt("strided", "stride", stride, 1, max(q.shape[1], k.shape[1]))
     qh, kh, vh, kvm = prepare("strided", q, k, v, kv_mask, causal)
     keep = lambda i, j: patterns.strided(i, j, stride=stride)  # noqa: E731
     part = strided_part(qh, kh, vh, kvm, stride=stride, keep=keep, causal=causal,
@@ -159,9 +163,13 @@ def strided_attention(q, k, v, *, kv_mask=None, causal=False, stride=64, dropout
 )
 def sparse_attention(q, k, v, *, kv_mask=None, causal=False, window=32, stride=64,
                      dropout_rate=0.0, dropout_rng=None):
-    """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv]."""
-    check_int("sparse", "window", window, 0)
-    check_int("sparse", "stride", stride, 1)
+    """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv].
+    window / stride "sqrt": ceil(sqrt(n)), n = max(Tq, Tk) (the padded length): Child et al.'s
+    l = sqrt(n), O(n sqrt n)."""
+    check_qkv("sparse", q, k, v, kv_mask)
+    n = max(q.shape[1], k.shape[1])
+    window = int_or_sqrt("sparse", "window", window, 0, n)
+    stride = int_or_sqrt("sparse", "stride", stride, 1, n)
     qh, kh, vh, kvm = prepare("sparse", q, k, v, kv_mask, causal)
     keys = dropout_keys(dropout_rate, dropout_rng, 2)
     local = lambda i, j: patterns.local(i, j, window=window)  # noqa: E731

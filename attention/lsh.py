@@ -7,6 +7,12 @@ shared_qk=True (the Reformer): keys are the unit-normalised queries, k_j = q_j /
 shared_qk=False: queries (hashed from q) and keys (hashed from k) are sorted together by
 (bucket, position), so a chunk holds both; `chunk_size` then counts queries and keys.
 Padding sorts last, so real tokens' chunks do not depend on it. Causal mode: see _buckets.
+redraw: "fixed" (rotations drawn once) or "step" (fresh rotations every redraw_interval
+training passes, from fold_in(key, draw number): the Reformer draws new ones each forward
+pass; attention/_redraw.py). Evaluation uses the latest draw.
+Deviation (docs/faithfulness.md): the first chunk does not look back to the last one (the
+Reformer wraps around); wrapping to the last chunk would make the first chunk depend on the
+amount of padding, which sorts last.
 """
 
 from __future__ import annotations
@@ -14,15 +20,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention import register
+from attention import _redraw, register
 from attention._buckets import merge, sorted_chunk_attention
 from attention._util import check_causal, check_int, check_qkv, scale
 
 NAME = "lsh"
-DEFAULTS = {"num_hashes": 2, "num_buckets": 32, "chunk_size": 64, "shared_qk": True}
+DEFAULTS = {"num_hashes": 2, "num_buckets": 32, "chunk_size": 64, "shared_qk": True,
+            "redraw": "fixed", "redraw_interval": 1}
 
 
-def _check(num_hashes, num_buckets, chunk_size, shared_qk):
+def _check(num_hashes, num_buckets, chunk_size, shared_qk, redraw="fixed", redraw_interval=1):
+    _redraw.check(NAME, redraw, redraw_interval)
     check_int(NAME, "num_hashes", num_hashes, 1)
     check_int(NAME, "num_buckets", num_buckets, 1)
     if num_buckets > 1 and num_buckets % 2:
@@ -34,12 +42,26 @@ def _check(num_hashes, num_buckets, chunk_size, shared_qk):
 
 
 def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_hashes=2, num_buckets=32,
-               chunk_size=64, shared_qk=True, **unused):
-    """buffers: rotations [num_hashes, H, D, max(num_buckets // 2, 1)], random normal."""
+               chunk_size=64, shared_qk=True, redraw="fixed", redraw_interval=1, **unused):
+    """buffers: rotations [num_hashes, H, D, max(num_buckets // 2, 1)], random normal; with
+    redraw="step" also the redraw buffers (attention/_redraw.py)."""
     del q_len, kv_len, unused
-    _check(num_hashes, num_buckets, chunk_size, shared_qk)
-    rot = jax.random.normal(key, (num_hashes, num_heads, head_dim, max(num_buckets // 2, 1)))
-    return {"params": {}, "buffers": {"rotations": rot}}
+    _check(num_hashes, num_buckets, chunk_size, shared_qk, redraw, redraw_interval)
+    shape = (num_hashes, num_heads, head_dim, max(num_buckets // 2, 1))
+    rot = jax.random.normal(key, shape)
+    return {"params": {}, "buffers": {"rotations": rot, **_redraw.buffers(key, redraw)}}
+
+
+def update_buffers(buffers, q, k, *, kv_mask=None, num_hashes=2, num_buckets=32,
+                   chunk_size=64, shared_qk=True, redraw="fixed", redraw_interval=1, **unused):
+    """Training pass: with redraw="step", fresh rotations every redraw_interval passes."""
+    del q, k, kv_mask, unused
+    _check(num_hashes, num_buckets, chunk_size, shared_qk, redraw, redraw_interval)
+    if redraw == "fixed":
+        return buffers
+    shape = buffers["rotations"].shape
+    return _redraw.step(buffers, "rotations", redraw_interval,
+                        lambda key: jax.random.normal(key, shape))
 
 
 def _hash(x, rotations, num_buckets):
@@ -52,13 +74,16 @@ def _hash(x, rotations, num_buckets):
 
 @register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n log n)",
           doc="Kitaev et al. 2020 (Reformer): LSH buckets, sorted chunks, merged hash rounds",
-          init_state=init_state)
+          init_state=init_state, update_buffers=update_buffers)
 def lsh_attention(q, k, v, *, kv_mask=None, causal=False, num_hashes=2, num_buckets=32,
-                  chunk_size=64, shared_qk=True, rotations=None):
-    """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; rotations [R, H, D, nb/2] -> [B, Tq, H, Dv]."""
+                  chunk_size=64, shared_qk=True, redraw="fixed", redraw_interval=1,
+                  rotations=None, redraw_key=None, redraw_count=None):
+    """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; rotations [R, H, D, nb/2] -> [B, Tq, H, Dv].
+    redraw_key, redraw_count: the redraw policy's buffers (read by update_buffers only)."""
+    del redraw_key, redraw_count
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
-    _check(num_hashes, num_buckets, chunk_size, shared_qk)
+    _check(num_hashes, num_buckets, chunk_size, shared_qk, redraw, redraw_interval)
     if rotations is None:
         raise ValueError(f"{NAME}: rotations (from init_state) are required")
     b, tq, h, d = q.shape

@@ -2,7 +2,7 @@
 kernel exp(q.k / sqrt(d)) estimated by positive random features
 phi(x) = exp(w_i . x' - |x'|^2 / 2) / sqrt(m), x' = x / d^(1/4), with orthogonal w_i (blocks of
 a QR-orthogonalised Gaussian, rows rescaled to chi-distributed norms); linear attention on top
-(attention/_kernels.py). Stabilised as the reference implementation (fast_attention.py): a
+(attention/_kernels.py). Stabilised after the reference implementation (fast_attention.py): a
 query's features are divided by their max over features, keys' by the max over the real keys
 the query sees (causal: the running max up to its position, so no later key can move an
 earlier output at any scale), and both get a small additive constant NUMERICAL_STABILIZER
@@ -10,6 +10,10 @@ earlier output at any scale), and both get a small additive constant NUMERICAL_S
 cannot underflow to zero (no zero rows, finite gradients). phi(k_j) for query i is thus
 exp(w . k_j' - |k_j'|^2 / 2 - ref_i) + 1e-6: the causal output at i equals the non-causal
 output on the prefix <= i.
+
+redraw: "fixed" (drawn once) or "step" (redrawn every redraw_interval training passes from
+fold_in(key, draw number): the reference code's feature redraw; attention/_redraw.py); only for
+the random maps (favor+, relu).
 
 feature_map: "favor+" (default; the random projection is a buffer), "relu"
 (relu(w . x') + 1e-3, the original LRA code's default, which is not a softmax estimator), "exp"
@@ -21,24 +25,30 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention import register
+from attention import _redraw, register
 from attention._kernels import kernel_attention
 from attention._util import check_causal, check_int, check_qkv
 
 NAME = "performer"
 FEATURE_MAPS = ("favor+", "relu", "exp")
-DEFAULTS = {"num_features": 256, "feature_map": "favor+", "chunk_size": 64}
+DEFAULTS = {"num_features": 256, "feature_map": "favor+", "chunk_size": 64, "redraw": "fixed",
+            "redraw_interval": 1000}
 # Added to the stabilised exponential features (queries and keys), as the reference's
 # numerical_stabilizer: keeps every real query's denominator >= 1e-6 * (its max feature = 1).
 NUMERICAL_STABILIZER = 1e-6
 
 
-def _check(num_features, feature_map, chunk_size):
+def _check(num_features, feature_map, chunk_size, redraw="fixed", redraw_interval=1000):
     check_int(NAME, "num_features", num_features, 1)
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"{NAME}: feature_map must be one of {FEATURE_MAPS}; got "
                          f"{feature_map!r}")
     check_int(NAME, "chunk_size", chunk_size, 1)
+    _redraw.check(NAME, redraw, redraw_interval)
+    if redraw != "fixed" and feature_map == "exp":
+        raise ValueError(f"{NAME}: redraw={redraw!r} needs random features (feature_map "
+                         f"'favor+' or 'relu'); feature_map='exp' learns its projection, use "
+                         f"redraw='fixed'")
 
 
 def orthogonal_features(key, num_features: int, dim: int):
@@ -56,14 +66,28 @@ def orthogonal_features(key, num_features: int, dim: int):
 
 
 def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_features=256,
-               feature_map="favor+", chunk_size=64, **unused):
-    """projection [num_features, D]: a buffer, or a param with feature_map="exp"."""
+               feature_map="favor+", chunk_size=64, redraw="fixed", redraw_interval=1000,
+               **unused):
+    """projection [num_features, D]: a buffer, or a param with feature_map="exp"; with
+    redraw="step" also the redraw buffers (attention/_redraw.py)."""
     del q_len, kv_len, num_heads, unused
-    _check(num_features, feature_map, chunk_size)
+    _check(num_features, feature_map, chunk_size, redraw, redraw_interval)
     w = orthogonal_features(key, num_features, head_dim)
     if feature_map == "exp":
         return {"params": {"projection": w}, "buffers": {}}
-    return {"params": {}, "buffers": {"projection": w}}
+    return {"params": {}, "buffers": {"projection": w, **_redraw.buffers(key, redraw)}}
+
+
+def update_buffers(buffers, q, k, *, kv_mask=None, num_features=256, feature_map="favor+",
+                   chunk_size=64, redraw="fixed", redraw_interval=1000, **unused):
+    """Training pass: with redraw="step", a fresh orthogonal projection every redraw_interval
+    passes; "fixed" (or the learned "exp" map) changes nothing."""
+    del q, kv_mask, unused
+    _check(num_features, feature_map, chunk_size, redraw, redraw_interval)
+    if redraw == "fixed":
+        return buffers
+    return _redraw.step(buffers, "projection", redraw_interval,
+                        lambda key: orthogonal_features(key, num_features, k.shape[-1]))
 
 
 def _log_features(x, w):
@@ -83,13 +107,17 @@ def query_features(x, w):
 
 @register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n)",
           doc="Choromanski et al. 2021 (Performer): FAVOR+ positive orthogonal random features",
-          init_state=init_state)
+          init_state=init_state, update_buffers=update_buffers)
 def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features=256,
-                        feature_map="favor+", chunk_size=64, projection=None):
-    """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; projection [M, D] -> [B, Tq, H, Dv]."""
+                        feature_map="favor+", chunk_size=64, redraw="fixed",
+                        redraw_interval=1000, projection=None, redraw_key=None,
+                        redraw_count=None):
+    """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; projection [M, D] -> [B, Tq, H, Dv].
+    redraw_key, redraw_count: the redraw policy's buffers (read by update_buffers only)."""
+    del redraw_key, redraw_count
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
-    _check(num_features, feature_map, chunk_size)
+    _check(num_features, feature_map, chunk_size, redraw, redraw_interval)
     d = q.shape[-1]
     if projection is None or tuple(projection.shape) != (num_features, d):
         raise ValueError(f"{NAME}: projection [num_features, head_dim] = {(num_features, d)} "

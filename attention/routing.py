@@ -15,7 +15,8 @@ ceil(local_head_fraction * heads) heads. A query no cluster picks gets zeros in 
 attention (local_head_fraction=0 gives the all-routing variant). Centroids are kept for every
 head; the local heads' rows are unused and never updated.
 Cost with a fixed num_clusters: n^2 / num_clusters (the paper's O(n^1.5) takes
-num_clusters ~ sqrt(n): num_clusters="sqrt" gives round(sqrt(n)) clusters, n the static length).
+num_clusters ~ sqrt(n): num_clusters="sqrt" gives ceil(sqrt(n)) clusters, n the max length
+given to init_state, so the count is fixed per model and padding still changes nothing).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from attention import register
 import math
 
 from attention._buckets import attend, sorted_chunk_attention
-from attention._util import NEG_INF, check_causal, check_float, check_int, check_qkv, scale
+from attention._util import (
+    NEG_INF, check_causal, check_float, check_int, check_qkv, int_or_sqrt, scale)
 from attention.local import local_attention
 
 NAME = "routing"
@@ -36,20 +38,10 @@ DEFAULTS = {"num_clusters": 8, "ema_decay": 0.999, "local_head_fraction": 0.5,
 
 
 def _check(num_clusters, ema_decay, local_head_fraction, local_window):
-    if num_clusters != "sqrt":
-        check_int(NAME, "num_clusters", num_clusters, 1)
+    int_or_sqrt(NAME, "num_clusters", num_clusters, 1)
     check_float(NAME, "ema_decay", ema_decay, 0.0, 1.0)
     check_float(NAME, "local_head_fraction", local_head_fraction, 0.0, 1.0)
     check_int(NAME, "local_window", local_window, 0)
-
-
-def num_clusters_for(num_clusters, length: int) -> int:
-    """The cluster count: an int as given, or "sqrt": round(sqrt(length)) (at least 1), the
-    paper's choice for O(n^1.5) cost. A ValueError names anything else."""
-    if num_clusters == "sqrt":
-        return max(1, round(math.sqrt(length)))
-    check_int(NAME, "num_clusters", num_clusters, 1)
-    return num_clusters
 
 
 def num_local_heads(num_heads: int, local_head_fraction: float) -> int:
@@ -64,11 +56,11 @@ def _unit(x):
 
 def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_clusters=8, ema_decay=0.999,
                local_head_fraction=0.5, local_window=32, **unused):
-    """buffers: centroids [H, num_clusters, D], random unit vectors ("sqrt": clusters for the
-    longest length, max(q_len, kv_len); shorter inputs use the first ones)."""
+    """buffers: centroids [H, num_clusters, D], random unit vectors ("sqrt": ceil(sqrt(max
+    length)) of them; the centroids' count is then the cluster count)."""
     del unused
     _check(num_clusters, ema_decay, local_head_fraction, local_window)
-    kc = num_clusters_for(num_clusters, max(q_len, kv_len))
+    kc = int_or_sqrt(NAME, "num_clusters", num_clusters, 1, max(q_len, kv_len))
     c = _unit(jax.random.normal(key, (num_heads, kc, head_dim)))
     return {"params": {}, "buffers": {"centroids": c}}
 
@@ -80,9 +72,8 @@ def update_buffers(buffers, q, k, *, kv_mask=None, num_clusters=8, ema_decay=0.9
     A centroid with no assigned vector, and every centroid of a local head, stays where it is."""
     del unused
     _check(num_clusters, ema_decay, local_head_fraction, local_window)
-    full = buffers["centroids"]
-    num_clusters = num_clusters_for(num_clusters, max(q.shape[1], k.shape[1]))
-    mu = full[:, :num_clusters].astype(jnp.float32)              # [H, K, D]
+    num_clusters = buffers["centroids"].shape[1]
+    mu = buffers["centroids"].astype(jnp.float32)                 # [H, K, D]
     x = jnp.concatenate([_unit(q), _unit(k)], axis=1)             # [B, Tq + Tk, H, D]
     if kv_mask is None:
         real = jnp.ones(x.shape[:2], bool)
@@ -96,8 +87,8 @@ def update_buffers(buffers, q, k, *, kv_mask=None, num_clusters=8, ema_decay=0.9
     mean = sums / jnp.maximum(counts, 1.0)
     new = jnp.where(counts > 0, ema_decay * mu + (1.0 - ema_decay) * mean, mu)
     routed = jnp.arange(mu.shape[0]) >= num_local_heads(mu.shape[0], local_head_fraction)
-    new = jnp.where(routed[:, None, None], _unit(new), mu).astype(full.dtype)
-    return {**buffers, "centroids": full.at[:, :num_clusters].set(new)}
+    new = jnp.where(routed[:, None, None], _unit(new), mu).astype(buffers["centroids"].dtype)
+    return {**buffers, "centroids": new}
 
 
 @register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n^2/s)",
@@ -110,12 +101,11 @@ def routing_attention(q, k, v, *, kv_mask=None, causal=False, num_clusters=8, em
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
     _check(num_clusters, ema_decay, local_head_fraction, local_window)
     h, d = q.shape[2], q.shape[3]
-    kc = num_clusters_for(num_clusters, max(q.shape[1], k.shape[1]))
     if (centroids is None or centroids.ndim != 3 or centroids.shape[0] != h
-            or centroids.shape[2] != d or centroids.shape[1] < kc
-            or (num_clusters != "sqrt" and centroids.shape[1] != kc)):
+            or centroids.shape[2] != d
+            or (num_clusters != "sqrt" and centroids.shape[1] != num_clusters)):
         raise ValueError(f"{NAME}: centroids [heads, num_clusters, head_dim] = "
-                         f"{(h, kc, d)} required (from init_state); got "
+                         f"{(h, num_clusters, d)} required (from init_state); got "
                          f"{None if centroids is None else tuple(centroids.shape)}")
     nl = num_local_heads(h, local_head_fraction)
     parts = []
@@ -124,7 +114,7 @@ def routing_attention(q, k, v, *, kv_mask=None, causal=False, num_clusters=8, em
                                      causal=causal, window=local_window).astype(jnp.float32))
     if nl < h:
         parts.append(_routed(q[:, :, nl:], k[:, :, nl:], v[:, :, nl:], kv_mask, causal,
-                             centroids[nl:, :kc]))
+                             centroids[nl:]))
     return jnp.concatenate(parts, axis=2).astype(v.dtype)
 
 

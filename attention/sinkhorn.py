@@ -10,7 +10,12 @@ blocks are mixed, all-padding blocks are left out of the permutation, and block 
 real keys only. Causal: block i's sort-net input is the mean of the keys before it, its
 permutation row covers earlier blocks only and is normalised by rows alone (a column
 normalisation would mix in later blocks' scores); its own block is causally masked.
-Cost with a fixed block_size b: n b (attention) + n^2 / b (block mixing).
+Cost with a fixed block_size b: n b (attention) + n^2 / b (block mixing). block_size="sqrt":
+b = ceil(sqrt(n)), n the max length given to init_state (the sort net then has b outputs and
+fixes b), so the cost is O(n sqrt n), the paper's balance of the two terms.
+Deviation from the paper (docs/faithfulness.md): no Gumbel noise on the sort logits in
+training (the paper's Gumbel-Sinkhorn); an attention function here has no training flag, so
+the sorting is the same in training and evaluation.
 """
 
 from __future__ import annotations
@@ -20,24 +25,27 @@ import jax.numpy as jnp
 
 from attention import register
 from attention._buckets import attend
-from attention._util import NEG_INF, check_causal, check_float, check_int, check_qkv, scale
+from attention._util import (
+    NEG_INF, check_causal, check_float, check_int, check_qkv, int_or_sqrt, scale, sqrt_size)
 
 NAME = "sinkhorn"
 DEFAULTS = {"block_size": 64, "sinkhorn_iters": 5, "temperature": 0.75}
 
 
 def _check(block_size, sinkhorn_iters, temperature):
-    check_int(NAME, "block_size", block_size, 1)
+    int_or_sqrt(NAME, "block_size", block_size, 1)
     check_int(NAME, "sinkhorn_iters", sinkhorn_iters, 1)
     check_float(NAME, "temperature", temperature, 1e-6, 1e6)
 
 
 def init_state(key, *, q_len, kv_len, num_heads, head_dim, block_size=64, sinkhorn_iters=5,
                temperature=0.75, **unused):
-    """params: sort net sort_w1 [H, D, D], sort_b1 [H, D], sort_w2 [H, D, max blocks]."""
+    """params: sort net sort_w1 [H, D, D], sort_b1 [H, D], sort_w2 [H, D, max blocks]
+    (block_size="sqrt": ceil(sqrt(max length)) blocks of that size)."""
     del unused
     _check(block_size, sinkhorn_iters, temperature)
-    max_blocks = -(-max(q_len, kv_len) // block_size)
+    length = max(q_len, kv_len)
+    max_blocks = sqrt_size(length) if block_size == "sqrt" else -(-length // block_size)
     k1, k2 = jax.random.split(key)
     d = head_dim
     return {
@@ -86,7 +94,7 @@ def sinkhorn_attention(q, k, v, *, kv_mask=None, causal=False, block_size=64, si
     if sort_w1 is None or sort_b1 is None or sort_w2 is None:
         raise ValueError(f"{NAME}: sort net params sort_w1, sort_b1, sort_w2 (from init_state) "
                          f"are required")
-    bs = block_size
+    bs = sort_w2.shape[-1] if block_size == "sqrt" else block_size
     nb = -(-t // bs)
     if sort_w2.shape[-1] < nb:
         raise ValueError(f"{NAME}: length {t} needs {nb} blocks of block_size={bs}, but the sort "

@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attention import register_pallas
-from attention._util import check_causal, check_int, check_qkv
+from attention._util import check_causal, check_int, check_qkv, int_or_sqrt
 from attention.pallas import block_mask as bm
 
 LOG2E = math.log2(math.e)
@@ -486,8 +486,10 @@ def local_attention(q, k, v, *, kv_mask=None, causal=False, window=50, dropout_r
 def strided_attention(q, k, v, *, kv_mask=None, causal=False, stride=64, dropout_rate=0.0,
                       dropout_rng=None, block_q=None, block_k=None, interpret=None):
     """(i - j) mod stride == 0. Every tile holds such a pair once stride <= block size, so the
-    kernel saves nothing over dense there; it pays off for strides beyond the tile sizes."""
-    check_int("strided", "stride", stride, 1)
+    kernel saves nothing over dense there; it pays off for strides beyond the tile sizes.
+    stride="sqrt": ceil(sqrt(max(Tq, Tk))), as the XLA variant."""
+    check_qkv("strided", q, k, v, kv_mask)
+    stride = int_or_sqrt("strided", "stride", stride, 1, max(q.shape[1], k.shape[1]))
     return _attend("strided", q, k, v, kv_mask=kv_mask, causal=causal, pattern="strided",
                    hparams=dict(stride=stride), block_q=block_q, block_k=block_k,
                    interpret=interpret, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
@@ -497,9 +499,12 @@ def strided_attention(q, k, v, *, kv_mask=None, causal=False, stride=64, dropout
 def sparse_attention(q, k, v, *, kv_mask=None, causal=False, window=32, stride=64,
                      dropout_rate=0.0, dropout_rng=None, block_q=None, block_k=None,
                      interpret=None):
-    """abs(i - j) <= window or (i - j) mod stride == 0, in one softmax."""
-    check_int("sparse", "window", window, 0)
-    check_int("sparse", "stride", stride, 1)
+    """abs(i - j) <= window or (i - j) mod stride == 0, in one softmax ("sqrt": as the XLA
+    variant)."""
+    check_qkv("sparse", q, k, v, kv_mask)
+    n = max(q.shape[1], k.shape[1])
+    window = int_or_sqrt("sparse", "window", window, 0, n)
+    stride = int_or_sqrt("sparse", "stride", stride, 1, n)
     return _attend("sparse", q, k, v, kv_mask=kv_mask, causal=causal, pattern="sparse",
                    hparams=dict(window=window, stride=stride), block_q=block_q,
                    block_k=block_k, interpret=interpret, dropout_rate=dropout_rate,

@@ -404,13 +404,15 @@ def linear_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size=64, bloc
 
 @register_pallas("performer")
 def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features=256,
-                        feature_map="favor+", chunk_size=64, projection=None, block_t=None,
-                        interpret=None):
+                        feature_map="favor+", chunk_size=64, redraw="fixed",
+                        redraw_interval=1000, projection=None, redraw_key=None,
+                        redraw_count=None, block_t=None, interpret=None):
     """FAVOR+ / relu / exp features from attention/performer.py, chunked in Pallas."""
     from attention import performer as xla
 
+    del redraw_key, redraw_count  # the redraw policy's buffers (update_buffers reads them)
     interpret = _prepare("performer", q, k, v, kv_mask, causal, interpret)
-    xla._check(num_features, feature_map, chunk_size)
+    xla._check(num_features, feature_map, chunk_size, redraw, redraw_interval)
     d = q.shape[-1]
     if projection is None or tuple(projection.shape) != (num_features, d):
         raise ValueError(f"performer: projection [num_features, head_dim] = {(num_features, d)} "

@@ -27,7 +27,8 @@ FIXED_PATTERN_CASES: dict[str, dict] = {
 
 # attention part 2 (learned / low-rank / kernels) adds its entries here.
 LEARNED_CASES: dict[str, dict] = {
-    "lsh": {"num_hashes": 2, "num_buckets": 4, "chunk_size": 8, "shared_qk": True},
+    "lsh": {"num_hashes": 2, "num_buckets": 4, "chunk_size": 8, "shared_qk": True,
+            "redraw": "step", "redraw_interval": 1},
     "routing": {"num_clusters": 4, "ema_decay": 0.9, "local_head_fraction": 0.5,
                 "local_window": 3},
     "sinkhorn": {"block_size": 8, "sinkhorn_iters": 3, "temperature": 0.75},
@@ -35,7 +36,8 @@ LEARNED_CASES: dict[str, dict] = {
     "nystrom": {"num_landmarks": 4, "pinv_iters": 6},
     "compressed": {"compression": 4},
     "linear": {"chunk_size": 8},
-    "performer": {"num_features": 16, "feature_map": "favor+", "chunk_size": 8},
+    "performer": {"num_features": 16, "feature_map": "favor+", "chunk_size": 8,
+                  "redraw": "step", "redraw_interval": 2},
     "synthesizer_dense": {"hidden_dim": 8},
     "synthesizer_random": {"trainable": True, "factorized_rank": 4},
     "inducing": {"num_inducing": 4},

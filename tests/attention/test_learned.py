@@ -395,8 +395,10 @@ def test_gradients_reach_every_param_and_no_buffer(qkv, name):
         out = attention.get(name)(q, k, v, kv_mask=MASK, **hp, **params, **buffers)
         return jnp.sum((out * MASK[:, :, None, None]) ** 2)
 
-    gp, gb, gv = jax.jit(jax.grad(loss, argnums=(0, 1, 4)))(st["params"], st["buffers"],
-                                                             q, k, v)
+    floats = {n: b for n, b in st["buffers"].items() if jnp.issubdtype(b.dtype, jnp.floating)}
+    ints = {n: b for n, b in st["buffers"].items() if n not in floats}   # redraw counters
+    gp, gb, gv = jax.jit(jax.grad(lambda p, b, q, k, v: loss(p, {**b, **ints}, q, k, v),
+                                  argnums=(0, 1, 4)))(st["params"], floats, q, k, v)
     for n, g in gp.items():
         assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0, n
     for n, g in gb.items():
@@ -456,6 +458,62 @@ def test_routing_local_heads_keep_their_centroids():
     assert np.abs(new["centroids"][1] - st["buffers"]["centroids"][1]).max() > 1e-3
 
 
+@pytest.mark.parametrize("name,buffer,interval", [("performer", "projection", 3),
+                                                  ("lsh", "rotations", 1)])
+def test_redraw_step_is_deterministic_in_seed_and_step(name, buffer, interval):
+    """redraw="step": after c training passes the random state is draw number c // interval,
+    a function of (seed, c) only: the same for the same seed (so a resumed run continues
+    exactly), different for another seed, fresh at each multiple of the interval and unchanged
+    in between; redraw="fixed" never changes it."""
+    variant = attention.get(name)
+    hp = {**LEARNED_CASES[name], "redraw": "step", "redraw_interval": interval}
+    x = jax.random.normal(jax.random.key(2), (B, T, H, D))
+    update = jax.jit(lambda b: variant.update_buffers(b, x, x, kv_mask=MASK, **hp))
+
+    def run(seed, passes):
+        bufs = state(name, key=seed, **hp)["buffers"]
+        seen = [np.asarray(bufs[buffer])]
+        for _ in range(passes):
+            bufs = update(bufs)
+            seen.append(np.asarray(bufs[buffer]))
+        assert int(bufs["redraw_count"]) == passes
+        return seen
+
+    a, again, other = run(0, 2 * interval), run(0, 2 * interval), run(1, 2 * interval)
+    for c in range(2 * interval + 1):
+        np.testing.assert_array_equal(a[c], again[c])
+        assert np.abs(a[c] - other[c]).max() > 1e-3
+        if c:   # a new draw exactly at multiples of the interval
+            assert np.array_equal(a[c], a[c - 1]) == (c % interval != 0), c
+    assert len({arr.tobytes() for arr in a}) == 3            # draws 0, 1, 2
+    # Draw i is fold_in(init key, i): a resumed run (restored counter and key) gets it too.
+    direct = state(name, key=0, **hp)["buffers"]
+    direct = {**direct, "redraw_count": jnp.asarray(2 * interval - 1, jnp.int32)}
+    np.testing.assert_array_equal(update(direct)[buffer], a[-1])
+    fixed = {**hp, "redraw": "fixed"}
+    bufs = state(name, **fixed)["buffers"]
+    assert set(bufs) == {buffer}
+    np.testing.assert_array_equal(
+        variant.update_buffers(bufs, x, x, kv_mask=MASK, **fixed)[buffer], bufs[buffer])
+
+
+@pytest.mark.parametrize("name,sqrt_hp,int_hp", [
+    ("sparse", dict(window="sqrt", stride="sqrt"), dict(window=5, stride=5)),
+    ("strided", dict(stride="sqrt"), dict(stride=5)),
+    ("routing", dict(num_clusters="sqrt"), dict(num_clusters=5)),
+    ("sinkhorn", dict(block_size="sqrt"), dict(block_size=5)),
+    ("compressed", dict(compression="sqrt"), dict(compression=5)),
+])
+def test_sqrt_size_is_ceil_sqrt_of_the_length(qkv, name, sqrt_hp, int_hp):
+    """"sqrt" = ceil(sqrt(24)) = 5 here (state built for the max length T): same state shapes
+    and the same outputs as the explicit 5."""
+    q, k, v = qkv
+    st_sqrt, st_int = state(name, **sqrt_hp), state(name, **int_hp)
+    shapes = lambda st: {n: a.shape for n, a in {**st["params"], **st["buffers"]}.items()}  # noqa
+    assert shapes(st_sqrt) == shapes(st_int)
+    close(call(name, q, k, v, st_int, **sqrt_hp), call(name, q, k, v, st_int, **int_hp))
+
+
 # ----------------------------------------------------------------- cost and validation
 
 
@@ -499,6 +557,14 @@ def test_non_causal_variants_refuse_causal(qkv, name):
     ("compressed", dict(compression=0), "compression"),
     ("linear", dict(chunk_size=-1), "chunk_size"),
     ("performer", dict(feature_map="softmax"), "feature_map"),
+    ("performer", dict(redraw="epoch"), "redraw"),
+    ("performer", dict(feature_map="exp", redraw="step"), "redraw"),
+    ("lsh", dict(redraw_interval=0), "redraw_interval"),
+    ("routing", dict(local_head_fraction=1.5), "local_head_fraction"),
+    ("routing", dict(local_window=-1), "local_window"),
+    ("routing", dict(num_clusters="cbrt"), "num_clusters"),
+    ("sinkhorn", dict(block_size="log"), "block_size"),
+    ("compressed", dict(compression="sqrt2"), "compression"),
     ("performer", dict(num_features=0), "num_features"),
     ("synthesizer_dense", dict(hidden_dim=0), "hidden_dim"),
     ("synthesizer_random", dict(factorized_rank=-1), "factorized_rank"),
