@@ -4,15 +4,23 @@ preloaded batch, and the host time to build one batch.
     python -m tools.bench_pipeline --configs configs/listops.py:dense,tiny configs/listops.py:dense,small
         [--steps 50] [--rounds 3] [--out results/pipeline_cpu]
     python -m tools.bench_pipeline --all_tiny --mock     # every task's tiny config
+    python -m tools.bench_pipeline --all_tiny --mock --generation   # + serial vs parallel generation
 
 Rounds alternate the two modes; the table gives the median step time of each, the pipeline's
 cost (fed - preloaded) / preloaded (two noisy timings on a shared machine), and build_pct: the
 median serial time to build one batch / the preloaded step time, i.e. the cost if the
 prefetch threads overlapped nothing (an upper bound that does not depend on the overlap).
 *_first columns use a freshly built copy of the split: step_ms_pipeline_first is one round of
-fed steps through its first epoch (generated Pathfinder images are made by the prefetch threads
-then, memoized afterwards), build_ms_first the serial build of unseen batches; build_ms times
-batches already seen.
+fed steps through its first epoch (generated Pathfinder images are drawn then, memoized
+afterwards), in the mode the pipeline picks for the run (`first_mode`: threads, or grain worker
+processes when much is left to draw); for generated sources the round is also run in the other
+mode (`*_first_threads`, `*_first_processes`, each on a fresh copy; the first batch, which
+waits for the workers to start, is taken before the clock starts). build_ms_first is the serial
+build of unseen batches; build_ms times batches already seen.
+
+--generation adds a second table: generating data with one process and with every core (ListOps
+at the published lengths, Pathfinder-32 and Path-X images in the release layout), the files
+checked identical.
 
 --mock: text and image read `tfds.testing.mock_data` records (random bytes / pixels of the
 real shapes) and retrieval reads synthetic rows written in the release's TSV format, so the
@@ -85,11 +93,10 @@ def bench(spec: str, steps: int, rounds: int, mock: bool = False) -> dict:
         config.data.cache_dir = cache
         with data_for(config, mock) as data:
             s = setup(config)
-            # two more copies of the training split on which nothing is generated yet
-            fresh_build, fresh_fed = (lra.get_task(config.data).splits["train"]
-                                      for _ in range(2))
-        first = _build_times(fresh_build, config, range(1, 11))
-        return _bench(spec, config, s, data, steps, rounds, first, fresh_fed)
+            # more copies of the training split on which nothing is generated yet
+            fresh = [lra.get_task(config.data).splits["train"] for _ in range(4)]
+        first = _build_times(fresh[0], config, range(1, 11))
+        return _bench(spec, config, s, data, steps, rounds, first, fresh[1:])
 
 
 def _build_times(src, config, steps) -> float:
@@ -103,10 +110,10 @@ def _build_times(src, config, steps) -> float:
     return statistics.median(times)
 
 
-def _bench(spec, config, s, data, steps, rounds, first, fresh_fed) -> dict:
+def _bench(spec, config, s, data, steps, rounds, first, fresh) -> dict:
     src = s.task.splits["train"]
-    bs = config.data.batch_size
-    batches = pipeline.train_batches(src, bs, seed=config.seed, workers=config.data.workers)
+    bs, workers = config.data.batch_size, config.data.workers
+    batches = pipeline.train_batches(src, bs, seed=config.seed, workers=workers)
     state = s.state
     fixed = jax.device_put(next(batches), s.data_sharding)
     step_no = jnp.asarray(0, jnp.int32)
@@ -118,14 +125,28 @@ def _bench(spec, config, s, data, steps, rounds, first, fresh_fed) -> dict:
         t = time.perf_counter()
         for _ in range(steps):
             state, m = s.train_step(state, jax.device_put(next(batches), s.data_sharding),
-                                       step_no)
+                                    step_no)
         jax.block_until_ready(m)
         return (time.perf_counter() - t) / steps
 
-    # first epoch of a fresh source: generated tasks make their images in the prefetch threads
-    first_steps = min(steps, len(fresh_fed) // bs)
-    fed_first = fed(pipeline.train_batches(fresh_fed, bs, seed=config.seed,
-                                           workers=config.data.workers), first_steps)
+    def first_epoch(source, processes=None):
+        """Fed steps through the first epoch of a fresh source (first batch before the clock)."""
+        it = pipeline.train_batches(source, bs, seed=config.seed, workers=workers,
+                                    processes=processes)
+        next(it)
+        try:
+            return fed(it, min(steps, len(source) // bs - 1))
+        finally:
+            it.close()
+
+    generated = hasattr(src, "pending")
+    mode = ("processes" if pipeline.uses_processes(fresh[0], np.arange(len(fresh[0])), workers)
+            else "threads")
+    fed_first = first_epoch(fresh[0])
+    other = {}
+    if generated:
+        other["threads"] = fed_first if mode == "threads" else first_epoch(fresh[1], False)
+        other["processes"] = fed_first if mode == "processes" else first_epoch(fresh[2], True)
 
     def preloaded():
         nonlocal state
@@ -140,15 +161,74 @@ def _bench(spec, config, s, data, steps, rounds, first, fresh_fed) -> dict:
     for _ in range(rounds):
         a.append(fed())
         b.append(preloaded())
+    batches.close()
     fa, fb = statistics.median(a), statistics.median(b)
     build = _build_times(src, config, range(1, 1 + max(steps, 10)))   # batches seen above
-    return {"config": spec, "task": s.task.name, "data": data, "batch": bs,
-            "max_len": config.data.max_len, "step_ms_pipeline": 1e3 * fa,
-            "step_ms_preloaded": 1e3 * fb, "pipeline_cost_pct": 100 * (fa - fb) / fb,
-            "step_ms_pipeline_first": 1e3 * fed_first,
-            "pipeline_cost_pct_first": 100 * (fed_first - fb) / fb,
-            "build_ms_first": 1e3 * first, "build_pct_first": 100 * first / fb,
-            "build_ms": 1e3 * build, "build_pct": 100 * build / fb}
+    row = {"config": spec, "task": s.task.name, "data": data, "batch": bs,
+           "max_len": config.data.max_len, "step_ms_pipeline": 1e3 * fa,
+           "step_ms_preloaded": 1e3 * fb, "pipeline_cost_pct": 100 * (fa - fb) / fb,
+           "first_mode": mode, "step_ms_pipeline_first": 1e3 * fed_first,
+           "pipeline_cost_pct_first": 100 * (fed_first - fb) / fb}
+    for name in ("threads", "processes"):
+        t = other.get(name)
+        row[f"pipeline_cost_pct_first_{name}"] = "" if t is None else 100 * (t - fb) / fb
+    row.update({"build_ms_first": 1e3 * first, "build_pct_first": 100 * first / fb,
+                "build_ms": 1e3 * build, "build_pct": 100 * build / fb})
+    return row
+
+
+def _tree_bytes(root: str) -> dict:
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def bench_generation(listops_num: int, pf_num: int, pathx_num: int) -> list[dict]:
+    """Seconds to generate with one process and with every core; outputs compared."""
+    from lra import listops, pathfinder
+
+    cores = os.cpu_count() or 1
+    jobs = [("listops (published lengths 500-2000)", listops_num, "examples",
+             lambda out, p: listops.generate_files(out, num_train=listops_num, num_val=0,
+                                                   num_test=0, seed=0, processes=p)),
+            ("pathfinder32 hard, release layout", pf_num, "images",
+             lambda out, p: pathfinder.write_release(out, 32, "hard", pf_num, 0, processes=p)),
+            ("pathx (128) hard, release layout", pathx_num, "images",
+             lambda out, p: pathfinder.write_release(out, 128, "hard", pathx_num, 0,
+                                                     chunk=32, processes=p))]
+    rows = []
+    for what, num, unit, run in jobs:
+        if num <= 0:
+            continue
+        secs, trees = {}, {}
+        for procs in (1, cores):
+            with tempfile.TemporaryDirectory() as out:
+                load = os.getloadavg()[0]
+                t = time.perf_counter()
+                run(out, procs)
+                secs[procs] = (time.perf_counter() - t, load)
+                trees[procs] = _tree_bytes(out)
+        rows.append({"data": what, "count": num, "unit": unit,
+                     "serial_s": secs[1][0], "load_serial": secs[1][1],
+                     "processes": cores, "parallel_s": secs[cores][0],
+                     "load_parallel": secs[cores][1],
+                     "speedup": secs[1][0] / secs[cores][0],
+                     "serial_per_s": num / secs[1][0], "parallel_per_s": num / secs[cores][0],
+                     "identical_files": trees[1] == trees[cores]})
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v)
+                                       for v in r.values()) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -159,27 +239,42 @@ def main(argv=None):
                    help="text/image: tfds mock_data; retrieval: synthetic release-format TSV")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--generation", action="store_true",
+                   help="also time generation with 1 process and with every core")
+    p.add_argument("--listops_num", type=int, default=2000)
+    p.add_argument("--pathfinder_num", type=int, default=2000)
+    p.add_argument("--pathx_num", type=int, default=128)
     p.add_argument("--out", default="results/pipeline_cpu")
     a = p.parse_args(argv)
     specs = (a.configs or []) + (ALL_TINY if a.all_tiny else [])
-    if not specs:
-        p.error("give --configs and/or --all_tiny")
+    if not specs and not a.generation:
+        p.error("give --configs, --all_tiny and/or --generation")
+    for name in ("steps", "rounds"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name} must be >= 1; got {getattr(a, name)}")
+    load0 = os.getloadavg()
     rows = [bench(spec, a.steps, a.rounds, a.mock) for spec in specs]
+    gen_rows = bench_generation(a.listops_num, a.pathfinder_num, a.pathx_num) \
+        if a.generation else []
+    load1 = os.getloadavg()
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    cols = list(rows[0])
-    with open(a.out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, cols)
-        w.writeheader()
-        w.writerows(rows)
+    for suffix, table in (("", rows), ("_generation", gen_rows)):
+        if table:
+            with open(a.out + suffix + ".csv", "w", newline="") as f:
+                w = csv.DictWriter(f, list(table[0]))
+                w.writeheader()
+                w.writerows(table)
     head = (f"Input pipeline cost. {datetime.date.today()}, {platform.node()} "
             f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
-            f"jax {jax.__version__} on {jax.default_backend()}; {a.rounds} rounds x {a.steps} "
-            f"steps, medians.\n\n")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v)
-                                       for v in r.values()) + " |")
-    text = head + "\n".join(lines) + "\n"
+            f"jax {jax.__version__} on {jax.default_backend()}; load average (1 min) "
+            f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end.\n\n")
+    text = head
+    if rows:
+        text += (f"Training step fed by the pipeline vs preloaded: {a.rounds} rounds x "
+                 f"{a.steps} steps, medians.\n\n" + _table(rows))
+    if gen_rows:
+        text += ("\nGeneration with 1 process and with every core (wall seconds; load average "
+                 "at the start of each):\n\n" + _table(gen_rows))
     with open(a.out + ".md", "w") as f:
         f.write(text)
     print(text)

@@ -65,6 +65,7 @@ class MetricsWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         trim_rows(self.path, start_step)
         self.file = open(self.path, "a")
+        self.total_steps = total_steps
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -88,6 +89,9 @@ class MetricsWriter:
                     self.tb.add_scalar(f"{prefix}/{k}", v, step)
         text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in row.items() if k not in ("time",))
+        if self.bar is None and row.get("steps_per_sec"):   # no bar (not a terminal): ETA here
+            left = (self.total_steps - step) / row["steps_per_sec"]
+            text += f" eta {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
         self.echo(text)
 
     def advance(self, n: int) -> None:

@@ -210,3 +210,23 @@ def test_chunk_stream_is_a_prefix_and_distinct_per_chunk():
     assert len(c0) == len(c1) == L.CHUNK and c0 != c1
     with pytest.raises(ValueError, match="processes >= 1"):
         L.generate(3, 2, processes=0)
+
+
+def test_abandoning_long_trees_keeps_the_distribution():
+    """Chunks give up on a tree once it is too long; the kept trees are those the plain
+    rejection loop keeps: compare length and label histograms on 1,280 short expressions."""
+    import random
+    fast = [r for k in range(20) for r in L.generate_chunk(9, k, min_length=10, max_length=60)]
+    rng, slow = random.Random(9), []
+    while len(slow) < len(fast):
+        tree, length = L.generate_tree(rng)
+        if 10 < length < 60:
+            slow.append((L.to_release_string(tree), L.evaluate(tree)))
+    lengths = lambda rows: np.array([len(prefix_tokens(s)) for s, _ in rows])  # noqa: E731
+    bins = [10, 15, 20, 30, 40, 60]
+    h_fast = np.histogram(lengths(fast), bins)[0] / len(fast)
+    h_slow = np.histogram(lengths(slow), bins)[0] / len(slow)
+    assert np.abs(h_fast - h_slow).max() < 0.06, (h_fast, h_slow)
+    y_fast = np.bincount([y for _, y in fast], minlength=10) / len(fast)
+    y_slow = np.bincount([y for _, y in slow], minlength=10) / len(slow)
+    assert np.abs(y_fast - y_slow).max() < 0.05, (y_fast, y_slow)
