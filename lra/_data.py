@@ -6,9 +6,15 @@
 - `ByteSource`: byte strings stored once as one buffer + offsets; batches come out as int32
   token ids [B, max_len] (the bytes, 0-255) with a padding mask. Padding is the mask only: a
   byte 0 is a real token.
+- `progress`: the progress bar (count, rate, ETA) of data generation and evaluation passes.
+- `spawn_without_main`: worker processes that do not re-import the __main__ script.
 """
 
 from __future__ import annotations
+
+import contextlib
+import sys
+import types
 
 import numpy as np
 
@@ -124,7 +130,6 @@ def progress(total: int | None, desc: str, unit: str = "ex", initial: int = 0,
     it redraws twice a second; when stderr is a file or a pipe it writes a line every 30 s.
     LRA_PROGRESS=0 turns the bars off."""
     import os
-    import sys
 
     from tqdm import tqdm
 
@@ -132,3 +137,19 @@ def progress(total: int | None, desc: str, unit: str = "ex", initial: int = 0,
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=tty,
                 mininterval=0.5 if tty else 30.0, smoothing=0.1, file=sys.stderr, delay=delay,
                 disable=os.environ.get("LRA_PROGRESS", "1") == "0")
+
+
+@contextlib.contextmanager
+def spawn_without_main():
+    """Processes spawned inside this block do not import the __main__ script or module.
+
+    multiprocessing's spawn re-imports __main__ in every child (train.py: jax, flax, orbax; many
+    seconds on a busy machine) although our workers run functions of lra modules only, which
+    they import when they unpickle them. For the few milliseconds that the children are
+    started, __main__ is a blank module, so they skip it."""
+    saved = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = saved

@@ -30,7 +30,7 @@ from typing import Iterable
 
 import numpy as np
 
-from lra._data import progress
+from lra._data import progress, spawn_without_main
 from lra.base import Task, register_task
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -165,7 +165,8 @@ def generate(num: int, seed: int, *, min_length: int = 500, max_length: int = 20
                 per_example = (time.perf_counter() - t0) / len(out)
                 if per_example * (num - len(out)) > parallel_after_s:
                     import multiprocessing
-                    pool = multiprocessing.get_context("spawn").Pool(processes)
+                    with spawn_without_main():
+                        pool = multiprocessing.get_context("spawn").Pool(processes)
             if pool is None:
                 wave = 1 if processes > 1 else wave   # measure before deciding on workers
                 results = (generate_chunk(seed, j, **kw) for j in range(k, k + wave))

@@ -39,7 +39,7 @@ import sys
 import numpy as np
 
 from lra import _pathfinder_gen as gen
-from lra._data import progress
+from lra._data import progress, spawn_without_main
 from lra.base import Task, register_task
 
 DIFFICULTIES = gen.DIFFICULTIES
@@ -388,7 +388,8 @@ def write_release(out_dir: str, resolution: int, difficulty: str, num: int, seed
     if min(processes, len(jobs)) > 1:
         import multiprocessing
 
-        pool = multiprocessing.get_context("spawn").Pool(min(processes, len(jobs)))
+        with spawn_without_main():
+            pool = multiprocessing.get_context("spawn").Pool(min(processes, len(jobs)))
     try:
         done = pool.imap_unordered(_write_chunk, jobs) if pool else map(_write_chunk, jobs)
         for b, chunk_rows in done:
