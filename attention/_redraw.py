@@ -1,13 +1,15 @@
 """Redraw policies for random state (Performer's features, Reformer's LSH rotations).
 
 redraw="fixed": drawn once by init_state and kept for the whole run.
-redraw="step":  redrawn every `redraw_interval` training forward passes, as the papers'
-reference code does (FAVOR+ feature redraw; Reformer: fresh rotations each pass). The draw
-is a pure function of (init key, number of training passes): draw 0 is init_state's (from its
-key), draw number i >= 1 (after i * interval passes) uses fold_in(key, i), so a run is deterministic in (seed, step) and resumes exactly
-from a checkpoint (the counter and the base key are buffers, saved with the model).
+redraw="step":  redrawn every `redraw_interval` training forward passes (calls of the layer in
+training mode: one per training step, the dual encoder included, which encodes both documents
+in one call), as the papers' reference code does (FAVOR+ feature redraw; Reformer: fresh
+rotations each pass). The draw is a pure function of (init key, number of training passes):
+draw 0 is init_state's (from its key), draw i >= 1 (after i * interval passes) uses
+fold_in(key, i), so a run is deterministic in (seed, step) and resumes exactly from a
+checkpoint (the counter and the init key are buffers, saved with the model).
 
-Buffers added with "step": redraw_key uint32 [2] (the base key's data) and redraw_count int32 []
+Buffers added with "step": redraw_key uint32 [2] (the init key's data) and redraw_count int32 []
 (training passes seen). Both are integers: never trained, always finite. Evaluation uses the
 latest draw (no update outside training).
 """
