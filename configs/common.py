@@ -83,6 +83,7 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
     c.train.distributed = False      # call jax.distributed.initialize() (multi-host)
+    c.train.seq_shards = 1           # devices one sequence is split over (context parallelism)
     c.train.change_on_resume = False  # resume with a changed learning_rate/schedule/warmup/clip
     # What is trained (training/objectives.py): "classify" (a label per example), "denoise"
     # (self-pretraining, Amos et al. ICLR 2024: masked-token prediction on the task's own

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import attention
+from attention import context_parallel
 
 
 class AttentionBuffer(nnx.Variable):
@@ -37,6 +38,17 @@ def layer_hparams(name: str, overrides: Mapping[str, Any], *, layer_index: int,
     if name == "axial" and "axis" in hp:
         hp["axis"] = layer_index % 2
     return hp
+
+
+def attend(name: str, impl: str, q, k, v, *, kv_mask, causal: bool, **kwargs):
+    """The variant on the whole sequence, or with its length split over the devices of the
+    mesh's "seq" axis when the loop set such a mesh (train.seq_shards > 1; the variant's
+    context-parallel form, attention/context_parallel.py)."""
+    if context_parallel.seq_shards() > 1:
+        return context_parallel.attend(name, q, k, v, kv_mask=kv_mask, causal=causal,
+                                       impl=impl, **kwargs)
+    return attention.implementation(name, impl)(q, k, v, kv_mask=kv_mask, causal=causal,
+                                                **kwargs)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -90,8 +102,8 @@ class MultiHeadAttention(nnx.Module):
         kwargs.update(buffers)
         if train and self.dropout_rate > 0 and self.variant.supports_dropout and rngs is not None:
             kwargs.update(dropout_rate=self.dropout_rate, dropout_rng=rngs.dropout())
-        fn = attention.implementation(self.attention_name, self.impl)
-        y = fn(q, k, v, kv_mask=mask, causal=self.causal, **kwargs)  # [B, T, H, Dv]
+        y = attend(self.attention_name, self.impl, q, k, v, kv_mask=mask, causal=self.causal,
+                   **kwargs)  # [B, T, H, Dv]
         if train and self.variant.update_buffers is not None:
             new = self.variant.update_buffers(
                 buffers, jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), kv_mask=mask,

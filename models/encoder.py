@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attention.context_parallel import shard_sequence
 from models.attention import MultiHeadAttention, layer_hparams
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -148,6 +149,7 @@ class Encoder(nnx.Module):
             x = jnp.concatenate([cls, x], axis=1)
             mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
         x = (x + self.pos[...][: x.shape[1]]).astype(self.dtype)
+        x = shard_sequence(x)  # length split over the mesh's "seq" axis (train.seq_shards)
         x = self.dropout(x, deterministic=not train, rngs=rngs)
         for block in self.blocks:
             x = block(x, mask, train=train, rngs=rngs)

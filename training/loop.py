@@ -14,6 +14,7 @@ before every checkpoint and evaluation), so nothing non-finite is ever saved or 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,15 +44,20 @@ __all__ = ["train_and_evaluate", "setup", "NonFiniteError", "ConfigError"]
 # not what it computes.
 FREE_FIELDS = {"train.steps", "train.log_every", "train.eval_every", "train.eval_examples",
                "train.checkpoint_every", "train.keep_checkpoints", "train.distributed",
-               "train.change_on_resume", "data.workers", "data.eval_batch_size",
-               "data.cache_dir", "data.data_dir", "attention.impl"}
+               "train.change_on_resume", "train.seq_shards", "data.workers",
+               "data.eval_batch_size", "data.cache_dir", "data.data_dir", "attention.impl"}
 # Fields a stopped run may continue with on purpose (train.change_on_resume=True); the change
 # is recorded in metrics.jsonl at the step where it happened.
 SAFE_FIELDS = {"train.learning_rate", "train.schedule", "train.warmup_steps", "train.grad_clip"}
 
 
-def make_mesh():
-    return Mesh(np.asarray(jax.devices()), ("data",))
+def make_mesh(seq_shards: int = 1) -> Mesh:
+    """Devices as a (data, seq) grid: batches split over `data`, one sequence over `seq`."""
+    devices = np.asarray(jax.devices())
+    if devices.size % seq_shards:
+        raise ConfigError(f"train.seq_shards={seq_shards} must divide the number of devices "
+                          f"({devices.size})")
+    return Mesh(devices.reshape(-1, seq_shards), ("data", "seq"))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -150,12 +156,13 @@ def setup(config) -> Setup:
     if config.train.distributed:
         jax.distributed.initialize()
     task = lra.get_task(config.data)
-    mesh = make_mesh()
-    ndev = mesh.devices.size
+    mesh = make_mesh(config.train.get("seq_shards", 1))
+    groups = mesh.shape["data"]
     for field in ("batch_size", "eval_batch_size"):
-        if config.data[field] % ndev:
+        if config.data[field] % groups:
             raise ConfigError(f"data.{field}={config.data[field]} must be divisible by the "
-                              f"number of devices ({ndev})")
+                              f"number of data-parallel groups ({groups} = devices / "
+                              f"train.seq_shards)")
     objective = config.train.get("objective", "classify")
     objectives.check_task(objective, task, config.attention.name)
     model, opt = model_and_optimizer(config, task)
@@ -173,6 +180,12 @@ def setup(config) -> Setup:
                                     donate_argnums=0),
                  eval_step=jax.jit(make_eval_step(graphdef, objective)),
                  num_params=count_params(model), lr=optim.schedule(config.train))
+
+
+def _sequence_mesh(mesh: Mesh):
+    """The mesh in context while steps are traced when it splits sequences (the attention
+    layers read it, attention/context_parallel.py); nothing otherwise."""
+    return jax.set_mesh(mesh) if mesh.shape["seq"] > 1 else contextlib.nullcontext()
 
 
 def trace_train_step(s: Setup, batch_size: int) -> None:
@@ -279,18 +292,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t_start = time.time()
     validate_config(config)
     s = setup(config)
-    trace_train_step(s, config.data.batch_size)
-    tcfg, dcfg = config.train, config.data
-    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
-    try:
-        resume = open_workdir(config, workdir, s, ckpt)
-        writer = MetricsWriter(workdir, tcfg.steps, resume.step)
+    with _sequence_mesh(s.mesh):
+        trace_train_step(s, config.data.batch_size)
+        ckpt = Checkpoints(os.path.join(workdir, "checkpoints"),
+                           keep=config.train.keep_checkpoints)
         try:
-            results = _run(config, s, ckpt, writer, resume)
+            resume = open_workdir(config, workdir, s, ckpt)
+            writer = MetricsWriter(workdir, config.train.steps, resume.step)
+            try:
+                results = _run(config, s, ckpt, writer, resume)
+            finally:
+                writer.close()
         finally:
-            writer.close()
-    finally:
-        ckpt.close()
+            ckpt.close()
     results.update(wall_time_sec=time.time() - t_start, environment=environment(),
                    config=json.loads(config.to_json()))
     write_json(os.path.join(workdir, "results.json"), results)

@@ -1,0 +1,239 @@
+"""Context parallelism: one sequence split over the devices of a mesh axis, on jax.shard_map.
+
+    out = context_parallel.attend("dense", q, k, v, kv_mask=m, causal=True, mesh=mesh)
+
+Same contract and same result as `attention.get(name)(q, k, v, ...)` on one device; q, k, v's
+length axis is split over `seq_axis` (and the batch over `batch_axis` when the mesh has it).
+A length that the split does not divide is padded at the end and masked. The forms:
+
+- ring (dense, blockwise): Ring Attention (Liu et al. 2023). Each device keeps its queries;
+  key/value blocks travel around the ring (ppermute), merged by an online softmax (running max
+  and sum), so no device ever holds more than two key blocks. Causal runs in zigzag order (the
+  sequence cut into 2s chunks, device i holding chunks i and 2s-1-i): every off-diagonal ring
+  step then needs exactly half a block, so no device idles half the ring. Gradients by AD
+  through the ring (ppermute's transpose sends the cotangents back).
+- halo (local): sliding-window attention needs only the `window` keys on either side of a
+  shard, taken from the two neighbours (one ppermute each way); the registered variant then
+  runs on [left halo, shard, right halo]. Needs window <= shard length, else gather.
+- kv_state (linear): the kernel sums sum_j phi(k_j) [v_j, 1]: summed over shards (psum), or,
+  causal, an exclusive prefix over the shards before this one plus a chunked scan inside.
+- gather (every other variant, and dropout on attention weights): all-gather q, k, v and the
+  mask, compute the registered variant on the whole sequence on every device, keep this
+  shard's rows. Always the single-device answer, at the single-device cost in memory and FLOPs
+  per device (plus the gather): no saving, but never a wrong result.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from attention import get as get_variant
+from attention._util import NEG_INF
+from attention.linear import elu_feature
+
+FORMS = {"dense": "ring", "blockwise": "ring", "local": "halo", "linear": "kv_state"}
+
+
+def seq_shards(mesh=None, seq_axis: str = "seq") -> int:
+    """Devices the sequence is split over: the size of `seq_axis` in `mesh` (default: the mesh
+    set by jax.set_mesh), 1 without one."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    return mesh.shape[seq_axis] if seq_axis in mesh.axis_names else 1
+
+
+def shard_sequence(x, seq_axis: str = "seq", batch_axis: str = "data"):
+    """Activations [B, T, ...] sharded over batch and length when the mesh set by jax.set_mesh
+    splits the sequence (XLA pads a length the split does not divide); x unchanged otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if seq_shards(mesh, seq_axis) == 1:
+        return x
+    data = batch_axis if batch_axis in mesh.axis_names else None
+    return jax.lax.with_sharding_constraint(x, P(data, seq_axis))
+
+
+def form_of(name: str, hparams: dict, shard_len: int) -> str:
+    """The context-parallel form `attend` uses for a variant at this shard length."""
+    form = FORMS.get(name, "gather")
+    if hparams.get("dropout_rate", 0.0) > 0:
+        return "gather"          # dropout on attention weights: the variant's own draw
+    if form == "halo" and int(hparams.get("window", 0)) > shard_len:
+        return "gather"          # the window reaches past the neighbouring shard
+    return form
+
+
+def zigzag_order(length: int, shards: int) -> np.ndarray:
+    """Global positions in device order: device i holds chunks i and 2s-1-i (of 2s chunks)."""
+    c = length // (2 * shards)
+    chunks = np.arange(length).reshape(2 * shards, c)
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]])
+                           for i in range(shards)])
+
+
+def attend(name, q, k, v, *, kv_mask=None, causal=False, mesh=None, seq_axis="seq",
+           batch_axis="data", **hparams):
+    """The registered variant `name` with q, k, v's length split over `seq_axis` of `mesh`
+    (default: the mesh set by jax.set_mesh). q, k, v: [B, T, H, D]; kv_mask: bool [B, T]."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    variant = get_variant(name)
+    shards = seq_shards(mesh, seq_axis)
+    if shards == 1:
+        return variant(q, k, v, kv_mask=kv_mask, causal=causal, **hparams)
+    if causal and not variant.supports_causal:
+        raise ValueError(f"attention variant {name!r} cannot be causal (causal=True given)")
+    b, t = q.shape[:2]
+    mask = jnp.ones((b, t), bool) if kv_mask is None else kv_mask
+    multiple = 2 * shards                              # zigzag needs 2s equal chunks
+    padded = -(-t // multiple) * multiple
+    form = form_of(name, hparams, padded // shards)
+    if padded != t:
+        pad = ((0, 0), (0, padded - t))
+        q, k, v = (jnp.pad(x, pad + ((0, 0), (0, 0))) for x in (q, k, v))
+        mask = jnp.pad(mask, pad)
+    zigzag = form == "ring" and causal
+    if zigzag:
+        order = zigzag_order(padded, shards)
+        q, k, v, mask = (jnp.take(x, order, axis=1) for x in (q, k, v, mask))
+    arrays = {n: a for n, a in hparams.items() if isinstance(a, (jax.Array, np.ndarray))}
+    static = {n: a for n, a in hparams.items() if n not in arrays}
+    local = functools.partial(_LOCAL[form], name=name, causal=causal, axis=seq_axis,
+                              shards=shards, static=static)
+    data = batch_axis if batch_axis in mesh.axis_names else None
+    spec = P(data, seq_axis)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec, P()),
+                        out_specs=spec, check_vma=False)(q, k, v, mask, arrays)
+    if zigzag:
+        out = jnp.take(out, np.argsort(order), axis=1)
+    return out[:, :t]
+
+
+# --- ring ---------------------------------------------------------------------------------------
+
+def _block(q, k, v, visible, scale):
+    """Softmax statistics of one query block against one key block: (max [B, H, Tq], sum,
+    weighted values [B, H, Tq, D]); rows with no visible key give (NEG_INF, 0, 0)."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(visible, s, NEG_INF)
+    m = jnp.max(s, axis=-1)
+    p = jnp.where(visible, jnp.exp(s - m[..., None]), 0.0)
+    acc = jnp.einsum("bhqk,bkhd->bhqd", p, v.astype(jnp.float32))
+    return m, p.sum(-1), acc
+
+
+def _merge(a, b):
+    m = jnp.maximum(a[0], b[0])
+    wa, wb = jnp.exp(a[0] - m), jnp.exp(b[0] - m)
+    return m, a[1] * wa + b[1] * wb, a[2] * wa[..., None] + b[2] * wb[..., None]
+
+
+def _rows(stats, rows: slice, n: int):
+    """Statistics of a block of query rows placed into all n rows (others empty)."""
+    m, l, acc = stats
+    full = lambda x, fill: jnp.full(x.shape[:2] + (n,) + x.shape[3:], fill, x.dtype)  # noqa: E731
+    return (full(m, NEG_INF).at[:, :, rows].set(m), full(l, 0.0).at[:, :, rows].set(l),
+            full(acc, 0.0).at[:, :, rows].set(acc))
+
+
+def _ring_local(q, k, v, mask, arrays, *, name, causal, axis, shards, static):
+    del name, arrays, static
+    n, scale = q.shape[1], 1.0 / math.sqrt(q.shape[-1])
+    i = jax.lax.axis_index(axis)
+    half = n // 2
+    key_mask = lambda m: m[:, None, None, :]  # noqa: E731  [B, 1, 1, Tk]
+    if causal:  # the own block: its early chunk precedes its late one, so causal = lower triangle
+        tril = jnp.tril(jnp.ones((n, n), bool))
+        stats = _block(q, k, v, key_mask(mask) & tril, scale)
+    else:
+        stats = _block(q, k, v, key_mask(mask), scale)
+    perm = [(j, (j + 1) % shards) for j in range(shards)]
+    kb, vb, mb = k, v, mask
+    for step in range(1, shards):
+        kb, vb, mb = jax.lax.ppermute((kb, vb, mb), axis, perm)
+        if not causal:
+            stats = _merge(stats, _block(q, kb, vb, key_mask(mb), scale))
+            continue
+        src = (i - step) % shards
+
+        def earlier(kb=kb, vb=vb, mb=mb):  # src < i: every query sees the src's first chunk
+            return _block(q, kb[:, :half], vb[:, :half], key_mask(mb[:, :half]), scale)
+
+        def later(kb=kb, vb=vb, mb=mb):    # src > i: only the late chunk sees all of src
+            return _rows(_block(q[:, half:], kb, vb, key_mask(mb), scale), slice(half, n), n)
+
+        stats = _merge(stats, jax.lax.cond(src < i, earlier, later))
+    m, l, acc = stats
+    out = jnp.where((l > 0)[..., None], acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)                  # [B, Tq, H, D]
+
+
+# --- halo ---------------------------------------------------------------------------------------
+
+def _halo_local(q, k, v, mask, arrays, *, name, causal, axis, shards, static):
+    w = int(static["window"])
+    if w == 0:  # each query sees itself only
+        return get_variant(name)(q, k, v, kv_mask=mask, causal=causal, **static, **arrays)
+    fwd = [(j, j + 1) for j in range(shards - 1)]    # to the next device (its left halo)
+    bwd = [(j + 1, j) for j in range(shards - 1)]    # to the previous one (its right halo)
+    left = jax.lax.ppermute((k[:, -w:], v[:, -w:], mask[:, -w:]), axis, fwd)
+    right = jax.lax.ppermute((k[:, :w], v[:, :w], mask[:, :w]), axis, bwd)
+    cat = lambda a, b, c: jnp.concatenate([a, b, c], axis=1)  # noqa: E731
+    kx, vx, mx = (cat(a, b, c) for a, b, c in zip(left, (k, v, mask), right))
+    qx = cat(jnp.zeros_like(q[:, :w]), q, jnp.zeros_like(q[:, :w]))   # rows dropped below
+    out = get_variant(name)(qx, kx, vx, kv_mask=mx, causal=causal, **static, **arrays)
+    return out[:, w:w + q.shape[1]]
+
+
+# --- kv state -----------------------------------------------------------------------------------
+
+def _kv_state_local(q, k, v, mask, arrays, *, name, causal, axis, shards, static):
+    del name, arrays
+    qf, kf = (elu_feature(jnp.swapaxes(x, 1, 2)) for x in (q, k))      # [B, H, n, D]
+    vt = jnp.swapaxes(v, 1, 2).astype(jnp.float32)
+    keep = mask[:, None, :, None]
+    kf = jnp.where(keep, kf, 0.0)
+    v1 = jnp.concatenate([jnp.where(keep, vt, 0.0), jnp.ones(vt.shape[:-1] + (1,))], -1)
+    state = jnp.einsum("bhtm,bhtd->bhmd", kf, v1)                     # [B, H, M, Dv + 1]
+    if not causal:
+        out = jnp.einsum("bhqm,bhmd->bhqd", qf, jax.lax.psum(state, axis))
+    else:
+        every = jax.lax.all_gather(state, axis)                        # [s, B, H, M, Dv + 1]
+        before = jnp.arange(shards) < jax.lax.axis_index(axis)
+        prefix = jnp.einsum("s,sbhmd->bhmd", before.astype(jnp.float32), every)
+        out = _causal_kernel(qf, kf, v1, prefix, int(static.get("chunk_size", 64)))
+    num, den = out[..., :-1], out[..., -1]
+    out = jnp.where((den > 0)[..., None], num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+
+
+def _causal_kernel(qf, kf, v1, prefix, chunk):
+    """phi(q_i) . (prefix + sum_{j <= i} phi(k_j) v1_j) by chunks: exclusive chunk sums plus the
+    exact lower triangle inside a chunk. [B, H, n, M], [B, H, n, M], [B, H, n, F] -> [.., F]."""
+    b, h, n, _ = qf.shape
+    c = math.gcd(n, chunk)
+    split = lambda x: x.reshape(b, h, n // c, c, x.shape[-1])  # noqa: E731
+    qc, kc, vc = split(qf), split(kf), split(v1)
+    sums = jnp.einsum("bhncm,bhncf->bhnmf", kc, vc)                     # per chunk
+    before = jnp.cumsum(sums, axis=2) - sums + prefix[:, :, None]       # exclusive + prefix
+    inter = jnp.einsum("bhncm,bhnmf->bhncf", qc, before)
+    scores = jnp.einsum("bhncm,bhnkm->bhnck", qc, kc) * jnp.tril(jnp.ones((c, c)))
+    intra = jnp.einsum("bhnck,bhnkf->bhncf", scores, vc)
+    return (inter + intra).reshape(b, h, n, -1)
+
+
+# --- gather -------------------------------------------------------------------------------------
+
+def _gather_local(q, k, v, mask, arrays, *, name, causal, axis, shards, static):
+    del shards
+    whole = [jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (q, k, v, mask)]
+    out = get_variant(name)(*whole[:3], kv_mask=whole[3], causal=causal, **static, **arrays)
+    n = q.shape[1]
+    return jax.lax.dynamic_slice_in_dim(out, jax.lax.axis_index(axis) * n, n, axis=1)
+
+
+_LOCAL = {"ring": _ring_local, "halo": _halo_local, "kv_state": _kv_state_local,
+          "gather": _gather_local}
