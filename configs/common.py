@@ -82,7 +82,10 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c.train.eval_examples = 0        # examples per validation pass during training; 0 = all
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
-    c.train.distributed = False      # call jax.distributed.initialize() (multi-host)
+    c.train.distributed = False      # call jax.distributed.initialize() (multi-host, docs)
+    c.train.coordinator_address = ""  # distributed: "host:port" of process 0 ("" = detect)
+    c.train.num_processes = 0        # distributed: number of processes (0 = detect)
+    c.train.process_id = -1          # distributed: this process's id (-1 = detect)
     c.train.seq_shards = 1           # devices one sequence is split over (context parallelism)
     c.train.change_on_resume = False  # resume with a changed learning_rate/schedule/warmup/clip
     # What is trained (training/objectives.py): "classify" (a label per example), "denoise"

@@ -95,7 +95,7 @@ class Checkpoints:
 
     def _remove_stale_tmp(self) -> list[str]:
         """Temporary folders of saves that never finished (a kill during a save)."""
-        if not os.path.isdir(self.directory):
+        if not os.path.isdir(self.directory) or jax.process_index() != 0:
             return []
         stale = sorted(n for n in os.listdir(self.directory) if TMP_MARK in n)
         for name in stale:
@@ -163,9 +163,13 @@ class Checkpoints:
         moved = []
         for step in steps:
             dest = os.path.join(self.directory + "_damaged", f"{step}-{int(time.time())}")
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.move(self.path(step), dest)
+            if jax.process_index() == 0:  # multi-process runs: one process moves
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.move(self.path(step), dest)
             moved.append(dest)
+        if moved and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("checkpoints set aside")
         if moved:
             self.manager.close()
             self.manager = self._manager()

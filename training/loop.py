@@ -44,11 +44,29 @@ __all__ = ["train_and_evaluate", "setup", "NonFiniteError", "ConfigError"]
 # not what it computes.
 FREE_FIELDS = {"train.steps", "train.log_every", "train.eval_every", "train.eval_examples",
                "train.checkpoint_every", "train.keep_checkpoints", "train.distributed",
+               "train.coordinator_address", "train.num_processes", "train.process_id",
                "train.change_on_resume", "train.seq_shards", "data.workers",
                "data.eval_batch_size", "data.cache_dir", "data.data_dir", "attention.impl"}
 # Fields a stopped run may continue with on purpose (train.change_on_resume=True); the change
 # is recorded in metrics.jsonl at the step where it happened.
 SAFE_FIELDS = {"train.learning_rate", "train.schedule", "train.warmup_steps", "train.grad_clip"}
+
+
+def init_distributed(train) -> None:
+    """jax.distributed.initialize from train.coordinator_address / num_processes / process_id,
+    each left to JAX's own detection (SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS)
+    when unset. On CPU hosts, collectives across processes go through gloo."""
+    if jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if train.get("coordinator_address", ""):
+        kwargs["coordinator_address"] = train.coordinator_address
+    if train.get("num_processes", 0):
+        kwargs["num_processes"] = train.num_processes
+    if train.get("process_id", -1) >= 0:
+        kwargs["process_id"] = train.process_id
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(seq_shards: int = 1) -> Mesh:
@@ -154,7 +172,7 @@ def model_and_optimizer(config, task):
 def setup(config) -> Setup:
     """Builds task, model, optimizer and the jitted steps; writes nothing to the workdir."""
     if config.train.distributed:
-        jax.distributed.initialize()
+        init_distributed(config.train)
     task = lra.get_task(config.data)
     mesh = make_mesh(config.train.get("seq_shards", 1))
     groups = mesh.shape["data"]
@@ -279,8 +297,9 @@ def open_workdir(config, workdir: str, s: Setup, ckpt: Checkpoints) -> Resume:
                                            ckpt.set_aside([d[0] for d in restored.damaged])):
             resume.notes.append(f"checkpoint {path} is damaged ({why}); moved to {dest}, "
                                 f"resuming from step {restored.step}")
-    os.makedirs(workdir, exist_ok=True)
-    write_json(config_path, json.loads(config.to_json()))
+    if jax.process_index() == 0:  # multi-process runs: one writer
+        os.makedirs(workdir, exist_ok=True)
+        write_json(config_path, json.loads(config.to_json()))
     return resume
 
 
@@ -307,7 +326,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             ckpt.close()
     results.update(wall_time_sec=time.time() - t_start, environment=environment(),
                    config=json.loads(config.to_json()))
-    write_json(os.path.join(workdir, "results.json"), results)
+    if jax.process_index() == 0:
+        write_json(os.path.join(workdir, "results.json"), results)
     if "test_bits_per_byte" in results:
         print(f"test bits per byte {results['test_bits_per_byte']:.4f} (validation "
               f"{results['validation_bits_per_byte']:.4f})", flush=True)

@@ -62,11 +62,14 @@ def trim_rows(path: str, last_step: int) -> int:
 
 class MetricsWriter:
     def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
+        """In a multi-process run only process 0 writes (files and console)."""
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.total_steps = total_steps
+        self.bar = self.file = self.tb = None
+        if jax.process_index() != 0:
+            return
         trim_rows(self.path, start_step)
         self.file = open(self.path, "a")
-        self.total_steps = total_steps
-        self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
@@ -78,6 +81,8 @@ class MetricsWriter:
             self.tb = None
 
     def write(self, row: dict, prefix: str = "train") -> None:
+        if self.file is None:
+            return
         row = finite_or_none(row)
         row.setdefault("time", time.time())
         self.file.write(json.dumps(row, allow_nan=False) + "\n")
@@ -101,11 +106,12 @@ class MetricsWriter:
     def echo(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        else:
+        elif self.file is not None:
             print(text, flush=True)
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
         if self.bar is not None:

@@ -101,6 +101,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "train.distributed": boolean,
     "train.change_on_resume": boolean,
     "train.seq_shards": integer(1),
+    "train.num_processes": integer(0),
+    "train.process_id": integer(-1),
     "train.objective": choice("classify", "denoise", "causal_lm"),
     "train.mask_rate": number(0.0, 1.0, lo_open=True),
     "train.init_from": lambda v: None if isinstance(v, str) else "a workdir path (str) or ''",
