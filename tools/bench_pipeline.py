@@ -187,8 +187,8 @@ def _tree_bytes(root: str) -> dict:
     return out
 
 
-def bench_generation(listops_num: int, pf_num: int, pathx_num: int) -> list[dict]:
-    """Seconds to generate with one process and with every core; outputs compared."""
+def bench_generation(listops_num: int, pf_num: int, pathx_num: int):
+    """Rows: seconds to generate with one process and with every core; outputs compared."""
     from lra import listops, pathfinder
 
     cores = os.cpu_count() or 1
@@ -200,7 +200,6 @@ def bench_generation(listops_num: int, pf_num: int, pathx_num: int) -> list[dict
             ("pathx (128) hard, release layout", pathx_num, "images",
              lambda out, p: pathfinder.write_release(out, 128, "hard", pathx_num, 0,
                                                      chunk=32, processes=p))]
-    rows = []
     for what, num, unit, run in jobs:
         if num <= 0:
             continue
@@ -212,14 +211,12 @@ def bench_generation(listops_num: int, pf_num: int, pathx_num: int) -> list[dict
                 run(out, procs)
                 secs[procs] = (time.perf_counter() - t, load)
                 trees[procs] = _tree_bytes(out)
-        rows.append({"data": what, "count": num, "unit": unit,
-                     "serial_s": secs[1][0], "load_serial": secs[1][1],
-                     "processes": cores, "parallel_s": secs[cores][0],
-                     "load_parallel": secs[cores][1],
-                     "speedup": secs[1][0] / secs[cores][0],
-                     "serial_per_s": num / secs[1][0], "parallel_per_s": num / secs[cores][0],
-                     "identical_files": trees[1] == trees[cores]})
-    return rows
+        yield {"data": what, "count": num, "unit": unit,
+               "serial_s": secs[1][0], "load_serial": secs[1][1],
+               "processes": cores, "parallel_s": secs[cores][0], "load_parallel": secs[cores][1],
+               "speedup": secs[1][0] / secs[cores][0],
+               "serial_per_s": num / secs[1][0], "parallel_per_s": num / secs[cores][0],
+               "identical_files": trees[1] == trees[cores]}
 
 
 def _table(rows: list[dict]) -> str:
@@ -253,9 +250,18 @@ def main(argv=None):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1; got {getattr(a, name)}")
     load0 = os.getloadavg()
-    rows = [bench(spec, a.steps, a.rounds, a.mock) for spec in specs]
-    gen_rows = bench_generation(a.listops_num, a.pathfinder_num, a.pathx_num) \
-        if a.generation else []
+    rows, gen_rows = [], []
+    for spec in specs:                       # the files are rewritten after every row
+        rows.append(bench(spec, a.steps, a.rounds, a.mock))
+        write(a, rows, gen_rows, load0)
+    if a.generation:
+        for row in bench_generation(a.listops_num, a.pathfinder_num, a.pathx_num):
+            gen_rows.append(row)
+            write(a, rows, gen_rows, load0)
+    print(open(a.out + ".md").read())
+
+
+def write(a, rows: list[dict], gen_rows: list[dict], load0) -> None:
     load1 = os.getloadavg()
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     for suffix, table in (("", rows), ("_generation", gen_rows)):
@@ -267,7 +273,7 @@ def main(argv=None):
     head = (f"Input pipeline cost. {datetime.date.today()}, {platform.node()} "
             f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
             f"jax {jax.__version__} on {jax.default_backend()}; load average (1 min) "
-            f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end.\n\n")
+            f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the last row.\n\n")
     text = head
     if rows:
         text += (f"Training step fed by the pipeline vs preloaded: {a.rounds} rounds x "
@@ -277,7 +283,6 @@ def main(argv=None):
                  "at the start of each):\n\n" + _table(gen_rows))
     with open(a.out + ".md", "w") as f:
         f.write(text)
-    print(text)
 
 
 if __name__ == "__main__":
