@@ -6,7 +6,6 @@ import json
 import math
 import os
 
-import jax
 import pytest
 import tensorflow_datasets as tfds
 
@@ -15,12 +14,7 @@ import train
 from configs import image, pathfinder, pathx, retrieval, text
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _shrink(c, tmp_path, batch):

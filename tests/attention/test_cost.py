@@ -23,7 +23,7 @@ import pytest
 
 import attention
 from tests.attention.compile_options import FAST_COMPILE
-from tools.compiled import matmul_flops, subjaxprs
+from tools.compiled import largest_array, matmul_flops
 
 NAMES = attention.names()
 B, H, D = 1, 2, 32
@@ -67,17 +67,6 @@ def train_fn(name, n, hp):
 
     x = jax.ShapeDtypeStruct((B, n, H, D), jnp.float32)
     return f, (x, x, x, jax.ShapeDtypeStruct((B, n), jnp.bool_), x)
-
-
-def largest_array(jaxpr) -> int:
-    """Elements of the largest value anywhere in the jaxpr (scan bodies: per iteration)."""
-    best = 0
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            best = max(best, math.prod(getattr(var.aval, "shape", ())))
-        for sub in subjaxprs(eqn):
-            best = max(best, largest_array(sub))
-    return best
 
 
 @functools.lru_cache(maxsize=None)

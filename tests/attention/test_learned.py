@@ -44,13 +44,7 @@ def state(name, key=0, length=T, head_dim=D, **hp):
                                           num_heads=H, head_dim=head_dim, **hp)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """Small shapes: compile time dominates, so skip most XLA optimisations in this module."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @functools.lru_cache(maxsize=None)

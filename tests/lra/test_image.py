@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 import lra
 from configs import image as image_config
 from lra.image import PixelSource, to_gray
+from tests.lra.conftest import mocked_records
 
 N = 20
 
@@ -20,9 +20,7 @@ def _cfg(**over):
 
 @pytest.fixture
 def mocked():
-    with tfds.testing.mock_data(num_examples=N):
-        yield {s: [tfds.data_source("cifar10", split=s)[i] for i in range(N)]
-               for s in ("train", "test")}
+    yield from mocked_records("cifar10", N)
 
 
 def test_pixels_are_itu601_gray_every_pixel_a_token(mocked):

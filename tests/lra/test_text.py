@@ -3,11 +3,11 @@ no download): the real loading code path with generated records."""
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 import lra
 from configs import text as text_config
 from lra._data import ByteSource
+from tests.lra.conftest import mocked_records
 
 N = 24
 
@@ -21,10 +21,7 @@ def _cfg(**over):
 
 @pytest.fixture
 def mocked():
-    with tfds.testing.mock_data(num_examples=N):
-        records = {s: [tfds.data_source("imdb_reviews", split=s)[i] for i in range(N)]
-                   for s in ("train", "test")}
-        yield records
+    yield from mocked_records("imdb_reviews", N)
 
 
 def _expected(record, max_len):
