@@ -15,8 +15,10 @@ A length that the split does not divide is padded at the end and masked. The for
 - halo (local): sliding-window attention needs only the `window` keys on either side of a
   shard, taken from the two neighbours (one ppermute each way); the registered variant then
   runs on [left halo, shard, right halo]. Needs window <= shard length, else gather.
-- kv_state (linear): the kernel sums sum_j phi(k_j) [v_j, 1]: summed over shards (psum), or,
-  causal, an exclusive prefix over the shards before this one plus a chunked scan inside.
+- kv_state (linear; performer not causal): the kernel sums sum_j phi(k_j) [v_j, 1]: summed over
+  shards (psum; the performer's key stabiliser is the max over every shard, pmax), or, causal,
+  an exclusive prefix over the shards before this one plus a chunked scan inside. The causal
+  performer's running-max key stabiliser is not split: it gathers.
 - gather (every other variant, and dropout on attention weights): all-gather q, k, v and the
   mask, compute the registered variant on the whole sequence on every device, keep this
   shard's rows. Always the single-device answer, at the single-device cost in memory and FLOPs
@@ -35,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from attention import get as get_variant
 from attention._util import NEG_INF
+from attention import performer
 from attention.linear import elu_feature
 
 FORMS = {"dense": "ring", "blockwise": "ring", "local": "halo", "linear": "kv_state"}
@@ -57,9 +60,11 @@ def shard_sequence(x, seq_axis: str = "seq", batch_axis: str = "data"):
     return jax.lax.with_sharding_constraint(x, P(data, seq_axis))
 
 
-def form_of(name: str, hparams: dict, shard_len: int) -> str:
+def form_of(name: str, hparams: dict, shard_len: int, causal: bool = False) -> str:
     """The context-parallel form `attend` uses for a variant at this shard length."""
     form = FORMS.get(name, "gather")
+    if name == "performer" and not causal:
+        form = "kv_state"        # causal: its running key stabiliser is not split (gather)
     if hparams.get("dropout_rate", 0.0) > 0:
         return "gather"          # dropout on attention weights: the variant's own draw
     if form == "halo" and int(hparams.get("window", 0)) > shard_len:
@@ -90,7 +95,7 @@ def attend(name, q, k, v, *, kv_mask=None, causal=False, mesh=None, seq_axis="se
     mask = jnp.ones((b, t), bool) if kv_mask is None else kv_mask
     multiple = 2 * shards                              # zigzag needs 2s equal chunks
     padded = -(-t // multiple) * multiple
-    form = form_of(name, hparams, padded // shards)
+    form = form_of(name, hparams, padded // shards, causal)
     if padded != t:
         pad = ((0, 0), (0, padded - t))
         q, k, v = (jnp.pad(x, pad + ((0, 0), (0, 0))) for x in (q, k, v))
@@ -190,12 +195,29 @@ def _halo_local(q, k, v, mask, arrays, *, name, causal, axis, shards, static):
 
 # --- kv state -----------------------------------------------------------------------------------
 
+def _features(name, q, k, keep, arrays, static, axis):
+    """Query and key features [B, H, n, M] of the kernel variants, keys of padding zero; the
+    performer's exponential key features against the max over every shard's real keys."""
+    qt, kt = (jnp.swapaxes(x, 1, 2) for x in (q, k))                  # [B, H, n, D]
+    if name == "linear":
+        return elu_feature(qt), jnp.where(keep, elu_feature(kt), 0.0)
+    w = arrays["projection"].astype(jnp.float32)
+    if static.get("feature_map", "favor+") == "relu":
+        phi = lambda x: jax.nn.relu(jnp.einsum(  # noqa: E731
+            "bhtd,md->bhtm", x.astype(jnp.float32) * x.shape[-1] ** -0.25, w)) + 1e-3
+        return phi(qt), jnp.where(keep, phi(kt), 0.0)
+    if static.get("feature_map", "favor+") != "exp":
+        w = jax.lax.stop_gradient(w)
+    lk = jnp.where(keep, performer._log_features(kt, w), NEG_INF)
+    mx = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(lk, axis=(2, 3), keepdims=True)), axis)
+    kf = jnp.where(keep, jnp.exp(lk - mx) + performer.NUMERICAL_STABILIZER, 0.0)
+    return performer.query_features(qt, w), kf
+
+
 def _kv_state_local(q, k, v, mask, arrays, *, name, causal, axis, shards, static):
-    del name, arrays
-    qf, kf = (elu_feature(jnp.swapaxes(x, 1, 2)) for x in (q, k))      # [B, H, n, D]
-    vt = jnp.swapaxes(v, 1, 2).astype(jnp.float32)
     keep = mask[:, None, :, None]
-    kf = jnp.where(keep, kf, 0.0)
+    qf, kf = _features(name, q, k, keep, arrays, static, axis)
+    vt = jnp.swapaxes(v, 1, 2).astype(jnp.float32)
     v1 = jnp.concatenate([jnp.where(keep, vt, 0.0), jnp.ones(vt.shape[:-1] + (1,))], -1)
     state = jnp.einsum("bhtm,bhtd->bhmd", kf, v1)                     # [B, H, M, Dv + 1]
     if not causal:

@@ -49,7 +49,7 @@ def cost(name: str, n: int, shards: int, causal: bool) -> dict:
     x = jax.ShapeDtypeStruct((1, n, HEADS, HEAD_DIM), jnp.float32)
     compiled, seconds = compile_fn(step, (x, x, x, x))
     return {"variant": name, "length": n, "seq_shards": shards, "causal": causal,
-            "form": cp.form_of(name, hp, n // shards) if shards > 1 else "one device",
+            "form": cp.form_of(name, hp, n // shards, causal) if shards > 1 else "one device",
             "temp_bytes": memory(compiled).get("temp_bytes"), "flops": xla_flops(compiled),
             "compile_seconds": round(seconds, 1)}
 

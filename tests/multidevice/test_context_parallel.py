@@ -20,11 +20,12 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices"
 
 B, T, H, D = 2, 30, 2, 8      # T = 30: padded to 32 for the split (masked)
 # (variant, overrides, seq shards, causal): every form at 2 shards, the ring also at 4; the
-# gather fallback with replicated arrays (performer's projection) and causal (strided).
+# performer's kv state (its projection a replicated array), the gather fallback (strided).
 CASES = [(n, o, s, c) for n, o, s in [("dense", {}, 2), ("dense", {}, 4),
                                        ("local", {"window": 3}, 2), ("local", {"window": 20}, 2),
                                        ("linear", {"chunk_size": 4}, 2)] for c in (False, True)]
-CASES += [("performer", {}, 2, False), ("strided", {"stride": 4}, 2, True)]
+CASES += [("performer", {}, 2, False), ("performer", {"feature_map": "relu"}, 2, False),
+          ("strided", {"stride": 4}, 2, True)]
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,11 @@ def test_split_sequence_equals_one_device(inputs, name, overrides, seq, causal):
     g_split = jax.jit(jax.grad(loss(split), (0, 1, 2)))(q, k, v)
     for a, b in zip(g_split, jax.grad(loss(one), (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
-    expected = {"dense": "ring", "blockwise": "ring", "linear": "kv_state"}.get(name, "gather")
+    expected = {"dense": "ring", "blockwise": "ring", "linear": "kv_state",
+                "performer": "gather" if causal else "kv_state"}.get(name, "gather")
     if name == "local":
         expected = "halo" if overrides["window"] <= 32 // seq else "gather"
-    assert cp.form_of(name, hp, 32 // seq) == expected
+    assert cp.form_of(name, hp, 32 // seq, causal) == expected
 
 
 def test_zigzag_order_balances_the_causal_ring():
