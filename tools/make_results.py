@@ -141,7 +141,8 @@ def main(argv=None) -> int:
                 "--root", roots[1], "--set", f"train.steps={half}",
                 "--set", f"train.warmup_steps={half // 10}", "--pretrain", "denoise",
                 ]) != 0
-            report.main(["--root", ",".join(roots), "--archive", os.path.join(out, "runs"),
+            report.main(["--root", ",".join(roots),
+                         "--archive", os.path.join(out, "runs", "spt_listops"),
                          "--out", out, "--name", "spt_listops_cpu",
                          "--title", "ListOps small: from scratch vs self-pretraining (SPT)"])
         elif stage == "speed":

@@ -122,6 +122,8 @@ def _record(task: str, variant: str, wdir: str, seed) -> dict | None:
             max_len=((results.get("config") or {}).get("data") or {}).get("max_len"),
             test_bits_per_byte=results.get("test_bits_per_byte"),
             validation_bits_per_byte=results.get("validation_bits_per_byte"),
+            test_unigram_bits_per_byte=(results.get("task_info") or {}).get(
+                "test_unigram_bits_per_byte"),
             steps_per_sec=_median_steps_per_sec(wdir))
     elif status.get("status") == "failed":
         err = ""
@@ -303,7 +305,7 @@ def build(root: str, out: str, name: str = "accuracy", published: bool = True,
     rows = [[v] + [_fmt_cell(acc["cells"][v][t]) for t in tasks] + [_fmt_avg(acc["avg"][v])]
             for v in acc["variants"]]
     lines = header_lines(title or "Accuracy (LRA Table 1 layout)", env)
-    lines += [f"Test accuracy (%) of the runs under `{root}`"
+    lines += [] if not tasks else [f"Test accuracy (%) of the runs under `{root}`"
               + (f"; in parentheses the LRA paper's number for the corresponding model "
                  f"({lra_published.SOURCE})" if published else "") + ". `-`: not run; `fail`: "
               "the run failed (error below). Avg: mean over ListOps, Text, Retrieval, Image, "
@@ -326,6 +328,12 @@ def build(root: str, out: str, name: str = "accuracy", published: bool = True,
         lines += markdown_table(lm_header, [[v] + [x for n in lm["lengths"]
                                                    for x in _fmt_lm(lm["cells"][v][n])]
                                             for v in lm["rows"]])
+        unigram = sorted({round(r["test_unigram_bits_per_byte"], 3) for r in records
+                          if r.get("test_unigram_bits_per_byte") is not None
+                          and r["task"] in LM_TASKS})
+        if unigram:
+            lines += ["", "Unigram entropy of the test split read by these runs (bits per byte): "
+                      + ", ".join(f"{u:.3f}" for u in unigram) + "."]
         lines += [""]
     if tasks:
         lines += markdown_table(header, rows)
@@ -405,7 +413,8 @@ def build(root: str, out: str, name: str = "accuracy", published: bool = True,
     return report
 
 
-ARCHIVED = ("results.json", "metrics.jsonl", "status.json", "config.json", "error.txt")
+ARCHIVED = ("results.json", "metrics.jsonl", "status.json", "config.json", "error.txt",
+            "sweep.json")
 
 
 def archive_runs(root: str, dest: str) -> int:
