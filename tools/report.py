@@ -313,10 +313,15 @@ def build(root: str, out: str, name: str = "accuracy", published: bool = True,
               "per run below are not comparable to the paper's unless those match.", ""]
     sweep_info = _load(os.path.join(root, "sweep.json"))
     if sweep_info:
-        lines = lines[:-1] + [
-            f"Sweep settings (last invocation, {sweep_info.get('date', '?')}): config option "
-            f"`{sweep_info.get('arg') or '(none)'}`, overrides "
-            f"`{' '.join(sweep_info.get('sets') or []) or '(none)'}`.", ""] + lines[-1:]
+        pre = sweep_info.get("pretrain")
+        settings = (f"Sweep settings (last invocation, {sweep_info.get('date', '?')}): config "
+                    f"option `{sweep_info.get('arg') or '(none)'}`, overrides "
+                    f"`{' '.join(sweep_info.get('sets') or []) or '(none)'}`"
+                    + (f", pretraining `{pre}` first" if pre else "") + ".")
+        if tasks:
+            lines = lines[:-1] + [settings, ""] + lines[-1:]
+        else:
+            lines += ["", settings, ""]
     if lm["rows"]:
         lines += ["## Language modelling (task lm): test bits per byte", "",
                   "Bits per byte of the test split (next-byte cross-entropy / ln 2; mean ± std "
