@@ -1,6 +1,6 @@
 """Linear attention (Katharopoulos et al., 2020, eq. 6-9): softmax replaced by the kernel
 phi(q)^T phi(k) with phi(x) = elu(x) + 1; O(n) non-causal, and causal by a chunked scan of
-running sums (attention/_kernels.py). Padded keys are excluded (phi = 0), unlike the original
+running sums (attention/_linearized.py). Padded keys are excluded (phi = 0), unlike the original
 LRA code.
 """
 
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from attention import register
-from attention._kernels import kernel_attention
+from attention._linearized import kernel_attention
 from attention._util import check_causal, check_int, check_qkv
 
 NAME = "linear"

@@ -2,7 +2,7 @@
 kernel exp(q.k / sqrt(d)) estimated by positive random features
 phi(x) = exp(w_i . x' - |x'|^2 / 2) / sqrt(m), x' = x / d^(1/4), with orthogonal w_i (blocks of
 a QR-orthogonalised Gaussian, rows rescaled to chi-distributed norms); linear attention on top
-(attention/_kernels.py). Stabilised after the reference implementation (fast_attention.py): a
+(attention/_linearized.py). Stabilised after the reference implementation (fast_attention.py): a
 query's features are divided by their max over features, keys' by the max over the real keys
 the query sees (causal: the running max up to its position, so no later key can move an
 earlier output at any scale), and both get a small additive constant NUMERICAL_STABILIZER
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from attention import _redraw, register
-from attention._kernels import kernel_attention
+from attention._linearized import kernel_attention
 from attention._util import check_causal, check_int, check_qkv
 
 NAME = "performer"

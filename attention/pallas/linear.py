@@ -10,7 +10,7 @@ dphi(Q) from the forward states, dphi(K) and dV from reverse-cumulative states o
 phi(Q)^T dnum (a reverse state pass), wired through jax.custom_vjp.
 
 Exponential key features given as logarithms (Performer's FAVOR+, `k_log=True`) are stabilised
-like attention/_kernels.py, plus the constant k_eps: non-causal against one max over real keys;
+like attention/_linearized.py, plus the constant k_eps: non-causal against one max over real keys;
 causal against the running max r_i of the keys up to position i, so nothing after a query enters
 its arithmetic: key j is given as exp(log_j - r_j), enters its own chunk's queries with the pair
 weight exp(r_j - r_i) <= 1 and the chunk state with exp(r_j - e_c) (e_c = r at the chunk's end);
@@ -331,7 +331,7 @@ def _running_max_factors(ref, chunk: int):
 def kernel_attention(qf, kf, v, kv_mask=None, *, causal: bool, k_log: bool = False,
                      k_eps: float = 0.0, block_t: int | None = None, interpret: bool = False,
                      num_warps=None, num_stages=None):
-    """Linear attention given feature maps, as attention/_kernels.kernel_attention, in Pallas.
+    """Linear attention given feature maps, as attention/_linearized.kernel_attention, in Pallas.
 
     qf: [B, Tq, H, F] positive query features; kf: [B, Tk, H, F] positive key features, or
     their logarithms with k_log=True (then exp(log - ref_i) + k_eps, ref_i the max over the

@@ -15,7 +15,7 @@ import pytest
 
 import attention
 from attention import patterns
-from attention.local import band_block
+from attention._banded import band_block
 from tests.attention.cases import CASES
 from tests.attention.compile_options import FAST_COMPILE
 
