@@ -17,7 +17,6 @@ same index gives the same example, so a resumed run sees the same data.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
@@ -86,20 +85,14 @@ def _labels(src) -> np.ndarray:
     return np.asarray([int(src[i]["label"]) for i in range(len(src))])
 
 
-TASKS: dict[str, Callable[..., Task]] = {}
-_TASK_MODULES = {  # task name -> module that registers it (imported on first use)
-    "listops": "lra.listops",
-    "text": "lra.text",
-    "retrieval": "lra.retrieval",
-    "image": "lra.image",
-    "pathfinder": "lra.pathfinder",
-    "pathx": "lra.pathfinder",
-    "lm": "lra.lm",
-}
+TASKS: dict[str, Callable[..., Task]] = {}   # the one task registry: name -> build
 
 
 def register_task(name: str):
+    """Decorator: registers build(data_config) -> Task under `name`."""
     def deco(build):
+        if name in TASKS:
+            raise ValueError(f"task {name!r} is registered twice")
         TASKS[name] = build
         return build
     return deco
@@ -108,9 +101,7 @@ def register_task(name: str):
 def get_task(data_config) -> Task:
     """Builds the task named by data_config.task; ValueError listing valid names otherwise."""
     name = data_config.task
-    if name not in TASKS and name in _TASK_MODULES:
-        importlib.import_module(_TASK_MODULES[name])
     if name not in TASKS:
         raise ValueError(
-            f"Unrecognized task: {name!r}. Valid tasks: {', '.join(sorted(_TASK_MODULES))}")
+            f"Unrecognized task: {name!r}. Valid tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name](data_config)

@@ -151,17 +151,10 @@ def write_text(path: str, lines: list[str]) -> None:
 
 
 def registered_tasks() -> list[str]:
-    """Task names that have a config file configs/<task>.py defining get_config (what exists
-    now; helper modules such as configs/common.py are not tasks)."""
-    cdir = os.path.join(REPO_ROOT, "configs")
-    tasks = []
-    for f in sorted(os.listdir(cdir)):
-        if not f.endswith(".py") or f.startswith("_") or f[:-3] in ("common", "variants"):
-            continue
-        with open(os.path.join(cdir, f)) as fh:
-            if "\ndef get_config(" in fh.read():
-                tasks.append(f[:-3])
-    return tasks
+    """The registered task names (lra.TASKS; each has its configs/<task>.py)."""
+    import lra
+
+    return sorted(lra.TASKS)
 
 
 # LRA Table 1 column order; tasks not in it come after, alphabetically.

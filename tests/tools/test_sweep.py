@@ -3,6 +3,7 @@ not fatal, an unfinished run resumed from its checkpoint, finished runs skipped,
 tables equal to the runs' results.json. The sweep's runs are real `train.py` subprocesses."""
 
 import csv
+import importlib.util
 import json
 import os
 
@@ -40,6 +41,12 @@ def test_parse_errors_name_what_is_valid():
     assert sweep.parse_sets(["train.steps=7"]) == [("train.steps", "7")]
     tasks = sweep.registered_tasks()
     assert "listops" in tasks and not {"common", "variants", "loader"} & set(tasks)
+    for task in tasks:  # every registered task has its config file, and it builds that task
+        spec = importlib.util.spec_from_file_location(task, os.path.join(sweep.REPO_ROOT, "configs",
+                                                                         f"{task}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.get_config("tiny").data.task == task
 
 
 def test_sweep_fail_resume_skip_and_report(tmp_path, monkeypatch):
