@@ -48,6 +48,9 @@ class Variant:
     update_buffers: optional update_buffers(buffers, q, k, *, kv_mask, **hparams) -> buffers,
       called by the model layer in training mode (e.g. routing centroids' moving average).
     supports_dropout: fn accepts dropout_rate= and dropout_rng= (dropout on attention weights).
+    model_supplies: hyperparameters the model sets from what it knows, {name: fact} with fact
+      one of MODEL_FACTS: "grid_shape" (the task's rows x cols), "num_prefix" (tokens the model
+      prepends, e.g. CLS), "layer_parity" (layer index mod 2, e.g. axial's alternating axis).
     """
 
     name: str
@@ -59,6 +62,7 @@ class Variant:
     init_state: Callable[..., dict] = _no_state
     update_buffers: Callable[..., dict] | None = None
     supports_dropout: bool = False
+    model_supplies: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __call__(self, q, k, v, *, impl: str = "xla", **kwargs):
         """fn(q, k, v, **kwargs) with impl="xla", or the Pallas kernel with impl="pallas"."""
@@ -79,6 +83,9 @@ COMPLEXITIES = {
     "O(n sqrt n)": 1.5,   # axial on a square grid
 }
 
+# What a model knows and may supply to a variant (Variant.model_supplies).
+MODEL_FACTS = ("grid_shape", "num_prefix", "layer_parity")
+
 VARIANTS: dict[str, Variant] = {}
 # name -> Pallas implementation with the same signature as the variant's fn (attention/pallas/).
 PALLAS: dict[str, Callable[..., Any]] = {}
@@ -95,12 +102,17 @@ def register(
     init_state: Callable[..., dict] | None = None,
     update_buffers: Callable[..., dict] | None = None,
     supports_dropout: bool = False,
+    model_supplies: Mapping[str, str] | None = None,
 ):
     """Decorator: registers `fn` under `name`. Returns fn unchanged."""
     if complexity not in COMPLEXITIES:
         raise ValueError(
             f"variant {name!r}: complexity {complexity!r} is not one of {sorted(COMPLEXITIES)}"
         )
+    for key, fact in (model_supplies or {}).items():
+        if key not in defaults or fact not in MODEL_FACTS:
+            raise ValueError(f"variant {name!r}: model_supplies {key!r}: {fact!r} must name a "
+                             f"hyperparameter in defaults and one of {MODEL_FACTS}")
 
     def deco(fn):
         if name in VARIANTS:
@@ -115,6 +127,7 @@ def register(
             init_state=init_state or _no_state,
             update_buffers=update_buffers,
             supports_dropout=supports_dropout,
+            model_supplies=dict(model_supplies or {}),
         )
         return fn
 

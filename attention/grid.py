@@ -74,6 +74,7 @@ def _prefix_group(kh, vh, kvm, keep, pos_q, num_prefix, causal):
     doc="Axial attention: same row (axis=1) or same column (axis=0) of a rows x cols grid "
         "(Ho et al. 2019)",
     supports_dropout=True,
+    model_supplies={"shape": "grid_shape", "num_prefix": "num_prefix", "axis": "layer_parity"},
 )
 def axial_attention(q, k, v, *, kv_mask=None, causal=False, shape=(32, 32), axis=1,
                     num_prefix=0, dropout_rate=0.0, dropout_rng=None):
@@ -174,6 +175,7 @@ def _grid_windows(x, axis: int, t: int, w: int, fill):
     doc="2D local attention: abs(row_i - row_j) <= window and abs(col_i - col_j) <= window "
         "on a rows x cols grid (Parmar et al. 2018)",
     supports_dropout=True,
+    model_supplies={"shape": "grid_shape", "num_prefix": "num_prefix"},
 )
 def local2d_attention(q, k, v, *, kv_mask=None, causal=False, shape=(32, 32), window=3,
                       num_prefix=0, dropout_rate=0.0, dropout_rng=None):

@@ -24,19 +24,17 @@ class AttentionBuffer(nnx.Variable):
 
 def layer_hparams(name: str, overrides: Mapping[str, Any], *, layer_index: int,
                   grid_shape=None, num_prefix: int = 0) -> dict:
-    """The variant's hyperparameters for one layer: defaults, config values, and what the model
-    knows (grid shape of the task, CLS prefix, the alternating axis of axial attention)."""
+    """The variant's hyperparameters for one layer: defaults, config values, and what its
+    registry record asks the model to supply (Variant.model_supplies)."""
     hp = attention.hparams_for(name, overrides)
-    if "shape" in hp:
-        if grid_shape is None:
+    facts = {"grid_shape": None if grid_shape is None else tuple(int(s) for s in grid_shape),
+             "num_prefix": num_prefix, "layer_parity": layer_index % 2}
+    for key, fact in attention.get(name).model_supplies.items():
+        if facts[fact] is None:
             raise ValueError(
-                f"attention variant {name!r} needs a 2D grid (hyperparameter 'shape'), but the "
+                f"attention variant {name!r} needs a 2D grid (hyperparameter {key!r}), but the "
                 f"task has none; use it on image-like tasks (image, pathfinder, pathx)")
-        hp["shape"] = tuple(int(s) for s in grid_shape)
-    if "num_prefix" in hp:
-        hp["num_prefix"] = num_prefix
-    if name == "axial" and "axis" in hp:
-        hp["axis"] = layer_index % 2
+        hp[key] = facts[fact]
     return hp
 
 
