@@ -113,7 +113,7 @@ def test_cli_bad_value_exits_nonzero_with_message(tmp_path):
     out = subprocess.run(
         [sys.executable, "train.py", "--config=configs/listops.py:tiny",
          "--config.train.steps=0", f"--workdir={tmp_path / 'w'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 1
     assert "ConfigError: invalid config: train.steps=0 (valid: an integer >= 1)" in out.stderr
     assert "Traceback" not in out.stderr
@@ -231,12 +231,12 @@ def test_kill_during_a_save_then_exact_resume(tmp_path, cache, reference):
             f"--config.data.cache_dir={cache}"]
     env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "KILL_AT": "4"}
     killed = subprocess.run([sys.executable, "-c", KILLER, *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=900)
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert glob.glob(str(workdir / "checkpoints" / "4.orbax-checkpoint-tmp*"))
     resumed = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT,
                              env={**env, "KILL_AT": "none"}, capture_output=True, text=True,
-                             timeout=300)
+                             timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed at step 2" in resumed.stdout
     assert not glob.glob(str(workdir / "checkpoints" / "*tmp*"))
