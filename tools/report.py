@@ -32,8 +32,8 @@ import os
 import statistics
 
 from tools import lra_published
-from tools.common import (LRA_AVERAGED, header_lines, machine_info, markdown_table, task_order,
-                          write_csv, write_text)
+from tools.common import (REPO_ROOT, LRA_AVERAGED, header_lines, machine_info, markdown_table,
+                          task_order, write_csv, write_text)
 
 LM_TASKS = ("lm",)
 
@@ -427,8 +427,6 @@ def archive_runs(root: str, dest: str) -> int:
     config.json, error.txt; seed_<n>/ and pretrain/ runs included; no checkpoints) to the same
     paths under DEST, so a committed table can be rebuilt from committed logs with
     `tools.report --root DEST`. Returns the number of files copied."""
-    import shutil
-
     n = 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in ("checkpoints", "tensorboard")
@@ -437,9 +435,25 @@ def archive_runs(root: str, dest: str) -> int:
             if name in ARCHIVED:
                 target = os.path.join(dest, os.path.relpath(dirpath, root))
                 os.makedirs(target, exist_ok=True)
-                shutil.copyfile(os.path.join(dirpath, name), os.path.join(target, name))
+                with open(os.path.join(dirpath, name)) as f:
+                    text = portable(f.read(), root, dest)
+                with open(os.path.join(target, name), "w") as f:
+                    f.write(text)
                 n += 1
     return n
+
+
+def portable(text: str, root: str, dest: str) -> str:
+    """Run logs without this machine's paths: the interpreter becomes `python3`, the sweep
+    root its archive folder and the repository root `.`, so a recorded command reads as one
+    typed in the repository."""
+    import re
+
+    archive = os.path.relpath(os.path.abspath(dest), REPO_ROOT)
+    text = re.sub(r'[^\s"]*/bin/python[0-9.]*(?=[\s"])', "python3", text)
+    for path, short in ((os.path.abspath(root), archive), (REPO_ROOT + os.sep, "")):
+        text = text.replace(path, short)
+    return text
 
 
 def main(argv=None):

@@ -23,7 +23,8 @@ import pytest
 
 import attention
 from tests.attention.compile_options import FAST_COMPILE
-from tools.compiled import largest_array, matmul_flops
+from tools.compiled import (compile_fn, has_loop, largest_array, matmul_flops, memory,
+                            xla_flops)
 
 NAMES = attention.names()
 B, H, D = 1, 2, 32
@@ -74,14 +75,17 @@ def costs(name, which):
     """{"flops", "temp", "looped"} of the compiled forward+backward at size `which` (0 or 1)."""
     n1, n2, hp1, hp2 = sizes(name)
     n, hp = (n1, hp1) if which == 0 else (n2, hp2)
-    f, args = train_fn(name, n, hp)
-    compiled = jax.jit(f).lower(*args).compile(compiler_options=FAST_COMPILE)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    looped = "while(" in compiled.as_text()
-    flops = matmul_flops(jax.make_jaxpr(f)(*args).jaxpr) if looped else cost["flops"]
-    return {"flops": flops, "temp": compiled.memory_analysis().temp_size_in_bytes,
-            "looped": looped, "n": n}
+    compiled, flops, looped = compiled_flops(*train_fn(name, n, hp))
+    return {"flops": flops, "temp": memory(compiled)["temp_bytes"], "looped": looped, "n": n}
+
+
+def compiled_flops(f, args):
+    """(compiled f, its FLOPs, whether it loops): XLA's count, or the jaxpr's matmul count
+    (loops times their trip count) where XLA counts a loop body once."""
+    compiled, _ = compile_fn(f, args, compiler_options=FAST_COMPILE)
+    looped = has_loop(compiled)
+    flops = matmul_flops(jax.make_jaxpr(f)(*args).jaxpr) if looped else xla_flops(compiled)
+    return compiled, flops, looped
 
 
 def expected_range(complexity: str, factor: float, exponent: float | None = None):
@@ -170,11 +174,6 @@ def test_sqrt_sizes_make_cost_grow_as_n_to_1_5(name):
     hp = attention.hparams_for(name, overrides)
     flops = []
     for length in (n, 4 * n):
-        f, args = train_fn(name, length, hp)
-        compiled = jax.jit(f).lower(*args).compile(compiler_options=FAST_COMPILE)
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        looped = "while(" in compiled.as_text()
-        flops.append(matmul_flops(jax.make_jaxpr(f)(*args).jaxpr) if looped else cost["flops"])
+        flops.append(compiled_flops(*train_fn(name, length, hp))[1])
     exponent = math.log(flops[1] / flops[0]) / math.log(4)
     assert 1.25 <= exponent <= 1.6, f"{name}: FLOPs grow as n^{exponent:.2f}"

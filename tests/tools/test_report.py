@@ -145,3 +145,27 @@ def test_seeds_are_averaged_pretrained_rows_apart_and_lm_table(tmp_path):
     assert lm["dense"][256]["test_bits_per_byte"] == 2.5
     assert lm["local"][256]["steps_per_sec"] == 6.0   # median of the rates after the first
     assert "| local | 2.750 | 6 |" in md
+
+
+def test_archived_logs_name_no_machine_path(tmp_path):
+    """A recorded command reads as typed in the repository: interpreter, sweep root and repo
+    root are replaced; other absolute paths (e.g. the data a run read) stay."""
+    import json
+    import os
+    import sys
+
+    root = tmp_path / "sweep"
+    (root / "lm" / "dense").mkdir(parents=True)
+    command = [sys.executable, os.path.join(report.REPO_ROOT, "train.py"),
+               f"--workdir={root / 'lm' / 'dense'}", "--config.data.data_dir=/data/x"]
+    (root / "lm" / "dense" / "status.json").write_text(json.dumps({"command": command}))
+    dest = os.path.join(report.REPO_ROOT, "results", "runs", "_test_archive")
+    try:
+        assert report.archive_runs(str(root), dest) == 1
+        with open(os.path.join(dest, "lm", "dense", "status.json")) as f:
+            saved = json.load(f)["command"]
+    finally:
+        import shutil
+        shutil.rmtree(dest, ignore_errors=True)
+    assert saved == ["python3", "train.py", "--workdir=results/runs/_test_archive/lm/dense",
+                     "--config.data.data_dir=/data/x"]
