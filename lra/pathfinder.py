@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -49,6 +50,9 @@ NUM_CLASSES = 2
 VOCAB_SIZE = 256
 SPLIT_OFFSETS = {"train": 0, "validation": 10**9, "test": 2 * 10**9}
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)        # release data: train / validation / test
+# grain pickles the dataset for its workers from several threads at once: without this lock two
+# of them could each move the memo into a file of its own, and one worker's images would be lost
+_SHARE_LOCK = threading.Lock()
 
 
 # ----------------------------------------------------------------------------- sources
@@ -83,23 +87,28 @@ class GeneratedSource:
 
     def _share(self) -> str:
         """Moves the memo into a (sparse) file under the temp dir, removed with this object."""
-        if self._shared is None:
-            import shutil
-            import tempfile
-            import weakref
-
-            folder = tempfile.mkdtemp(prefix="lra_pathfinder_memo_")
-            path = os.path.join(folder, "memo.u8")
-            have, store = self._have, self._store
-            with open(path, "wb") as f:
-                f.truncate(self.num * (1 + store.shape[1]))
-            self._map(path, "r+")
-            done = np.flatnonzero(have)
-            self._store[done] = store[done]
-            self._have[done] = True
-            self._shared = path
-            weakref.finalize(self, shutil.rmtree, folder, True)
+        with _SHARE_LOCK:
+            if self._shared is None:
+                self._shared = self._move_to_file()
         return self._shared
+
+    def _move_to_file(self) -> str:
+        """Copies the memo into a new (sparse) file under the temp dir and maps it there."""
+        import shutil
+        import tempfile
+        import weakref
+
+        folder = tempfile.mkdtemp(prefix="lra_pathfinder_memo_")
+        path = os.path.join(folder, "memo.u8")
+        have, store = self._have, self._store
+        with open(path, "wb") as f:
+            f.truncate(self.num * (1 + store.shape[1]))
+        self._map(path, "r+")
+        done = np.flatnonzero(have)
+        self._store[done] = store[done]
+        self._have[done] = True
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        return path
 
     def __getstate__(self):
         state = dict(self.__dict__)
