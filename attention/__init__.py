@@ -2,7 +2,7 @@
 
     import attention
     variant = attention.get("local")           # unknown name: ValueError listing valid names
-    out = variant(q, k, v, kv_mask=None, causal=False, window=32)   # same as variant.fn(...)
+    out = variant(q, k, v, kv_mask=None, causal=False, window=32)   # defaults filled, checked
 
 Contract (see DESIGN.md):
   q: [B, Tq, H, D]; k, v: [B, Tk, H, D] (BTNH, as jax.nn.dot_product_attention).
@@ -12,7 +12,9 @@ Contract (see DESIGN.md):
 
 Each family module registers its variants with `@register(...)`; every module in this package
 is imported below, so a new file is registered (and tested by the registry-wide tests) by
-existing.
+existing. A variant declares its hyperparameters once (`hparams={"window": Int(50, min=0)}`,
+attention/_hparams.py): the registry fills defaults and validates them (`Variant.resolve`), and
+the XLA and Pallas functions take them as keywords without defaults.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import importlib
 import pkgutil
 from typing import Any, Callable, Mapping
 
+from attention._hparams import Choice, Flag, Float, Hp, Int, Shape, Text, resolve
+
 __all__ = ["Variant", "VARIANTS", "PALLAS", "get", "register", "register_pallas",
-           "implementation", "names", "hparams_for"]
+           "implementation", "names", "hparams_for", "Hp", "Int", "Float", "Flag", "Choice",
+           "Shape", "Text"]
 
 
 def _no_state(key, *, q_len, kv_len, num_heads, head_dim, **hparams):
@@ -36,12 +41,14 @@ class Variant:
     """A registered attention variant.
 
     name: registry key.
-    fn: fn(q, k, v, *, kv_mask=None, causal=False, **hparams_and_state) -> out.
-    defaults: the variant's hyperparameters and their default values. Every key is a keyword of
-      `fn` and of `init_state`; configs override them by name.
-    init_state: init_state(key, *, q_len, kv_len, num_heads, head_dim, **hparams) ->
+    fn: fn(q, k, v, *, kv_mask=None, causal=False, **hparams_and_state) -> out, with every
+      hyperparameter given (no defaults): call the variant itself to have them filled.
+    hparams: {name: Hp} the declared hyperparameters (default and valid values). Every key is a
+      keyword of `fn` and of `make_state`; configs override them by name.
+    make_state: make_state(key, *, q_len, kv_len, num_heads, head_dim, **hparams) ->
       {"params": {name: array}, "buffers": {name: array}}. params are trained by gradient,
       buffers are not (random features, rotations, layouts, centroids). Names are keywords of fn.
+      Call `init_state`, which fills and checks the hyperparameters first.
     supports_causal: False -> fn raises ValueError when called with causal=True.
     complexity: cost in sequence length n, one of the COMPLEXITIES keys (tests read it).
     doc: one line: the paper and what is computed.
@@ -55,18 +62,36 @@ class Variant:
 
     name: str
     fn: Callable[..., Any]
-    defaults: Mapping[str, Any]
+    hparams: Mapping[str, Hp]
     supports_causal: bool
     complexity: str
     doc: str
-    init_state: Callable[..., dict] = _no_state
+    make_state: Callable[..., dict] = _no_state
     update_buffers: Callable[..., dict] | None = None
     supports_dropout: bool = False
     model_supplies: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
+    @property
+    def defaults(self) -> dict:
+        return {key: hp.default for key, hp in self.hparams.items()}
+
+    def resolve(self, overrides: Mapping[str, Any] | None = None) -> dict:
+        """Every hyperparameter: the defaults updated by `overrides`, checked against their
+        declarations. Unknown names and invalid values are a ValueError saying what is valid."""
+        return resolve(self.name, self.hparams, overrides)
+
     def __call__(self, q, k, v, *, impl: str = "xla", **kwargs):
-        """fn(q, k, v, **kwargs) with impl="xla", or the Pallas kernel with impl="pallas"."""
-        return implementation(self.name, impl)(q, k, v, **kwargs)
+        """The variant (impl "xla" | "pallas" | "auto") with the hyperparameters in kwargs filled
+        from the defaults and checked; other kwargs (kv_mask, causal, state arrays, dropout)
+        are passed on as they are."""
+        given = {key: kwargs.pop(key) for key in list(kwargs) if key in self.hparams}
+        return implementation(self.name, impl)(q, k, v, **kwargs, **self.resolve(given))
+
+    def init_state(self, key, *, q_len: int, kv_len: int, num_heads: int, head_dim: int,
+                   **overrides):
+        """make_state with the hyperparameters filled from the defaults and checked."""
+        return self.make_state(key, q_len=q_len, kv_len=kv_len, num_heads=num_heads,
+                               head_dim=head_dim, **self.resolve(overrides))
 
     @property
     def has_pallas(self) -> bool:
@@ -95,7 +120,8 @@ IMPLS = ("xla", "pallas", "auto")  # auto: pallas on a GPU where a kernel exists
 def register(
     name: str,
     *,
-    defaults: Mapping[str, Any],
+    hparams: Mapping[str, Hp] | None = None,
+    defaults: Mapping[str, Any] | None = None,
     supports_causal: bool,
     complexity: str,
     doc: str,
@@ -104,15 +130,27 @@ def register(
     supports_dropout: bool = False,
     model_supplies: Mapping[str, str] | None = None,
 ):
-    """Decorator: registers `fn` under `name`. Returns fn unchanged."""
+    """Decorator: registers `fn` under `name`. Returns fn unchanged.
+
+    hparams: {name: Hp}, each hyperparameter's default and valid values (attention/_hparams.py).
+    defaults: {name: value}, hyperparameters declared without checks (transitional)."""
+    if hparams is not None and defaults is not None:
+        raise ValueError(f"variant {name!r}: give hparams or defaults, not both")
+    declared = dict(hparams) if hparams is not None else \
+        {key: Hp(value) for key, value in (defaults or {}).items()}
+    for key, hp in declared.items():
+        if not isinstance(hp, Hp):
+            raise ValueError(f"variant {name!r}: hyperparameter {key!r} must be declared as an "
+                             f"Hp (Int, Float, Flag, Choice, Shape, Text); got {hp!r}")
+        hp.check(f"variant {name!r}: default of {key}", hp.default)
     if complexity not in COMPLEXITIES:
         raise ValueError(
             f"variant {name!r}: complexity {complexity!r} is not one of {sorted(COMPLEXITIES)}"
         )
     for key, fact in (model_supplies or {}).items():
-        if key not in defaults or fact not in MODEL_FACTS:
+        if key not in declared or fact not in MODEL_FACTS:
             raise ValueError(f"variant {name!r}: model_supplies {key!r}: {fact!r} must name a "
-                             f"hyperparameter in defaults and one of {MODEL_FACTS}")
+                             f"declared hyperparameter and one of {MODEL_FACTS}")
 
     def deco(fn):
         if name in VARIANTS:
@@ -120,11 +158,11 @@ def register(
         VARIANTS[name] = Variant(
             name=name,
             fn=fn,
-            defaults=dict(defaults),
+            hparams=declared,
             supports_causal=supports_causal,
             complexity=complexity,
             doc=doc,
-            init_state=init_state or _no_state,
+            make_state=init_state or _no_state,
             update_buffers=update_buffers,
             supports_dropout=supports_dropout,
             model_supplies=dict(model_supplies or {}),
@@ -147,7 +185,8 @@ def register_pallas(name: str):
 
 
 def implementation(name: str, impl: str = "xla") -> Callable[..., Any]:
-    """The function computing variant `name` with `impl` ("xla" | "pallas" | "auto")."""
+    """The function computing variant `name` with `impl` ("xla" | "pallas" | "auto"); it takes
+    every hyperparameter (hparams_for gives them), while the Variant itself fills defaults."""
     variant = get(name)
     if impl == "auto":
         import jax
@@ -179,16 +218,9 @@ def get(name: str) -> Variant:
 
 
 def hparams_for(name: str, overrides: Mapping[str, Any] | None = None) -> dict:
-    """The variant's defaults updated by `overrides`; unknown keys are a ValueError."""
-    variant = get(name)
-    overrides = dict(overrides or {})
-    unknown = set(overrides) - set(variant.defaults)
-    if unknown:
-        raise ValueError(
-            f"attention variant {name!r} has no hyperparameter(s) {sorted(unknown)}; "
-            f"valid: {sorted(variant.defaults) or 'none'}"
-        )
-    return {**variant.defaults, **overrides}
+    """The variant's hyperparameters: defaults updated by `overrides`, each checked against its
+    declaration; unknown keys and invalid values are a ValueError."""
+    return get(name).resolve(overrides)
 
 
 def _import_all():

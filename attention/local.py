@@ -6,24 +6,22 @@ positions of the gathered keys.
 
 from __future__ import annotations
 
-from attention import patterns, register
+from attention import Int, patterns, register
 from attention._banded import band, finish, prepare, unblock
 from attention._blocks import merge, pair_mask, partial_attention
-from attention._util import check_int
 
 
 @register(
     "local",
-    defaults={"window": 50},
+    hparams={"window": Int(50, min=0)},
     supports_causal=True,
     complexity="O(n)",
     doc="Sliding-window attention abs(i - j) <= window on banded blocks (Parmar et al. 2018)",
     supports_dropout=True,
 )
-def local_attention(q, k, v, *, kv_mask=None, causal=False, window=50, dropout_rate=0.0,
+def local_attention(q, k, v, *, kv_mask=None, causal=False, window, dropout_rate=0.0,
                     dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv]."""
-    check_int("local", "window", window, 0)
     qh, kh, vh, kvm = prepare("local", q, k, v, kv_mask, causal)
     qb, kb, vb, kvb, pos_q, pos_k = band(qh, kh, vh, kvm, window=window, causal=causal)
     keep = lambda i, j: patterns.local(i, j, window=window)  # noqa: E731

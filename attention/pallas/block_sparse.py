@@ -473,10 +473,9 @@ def dense_attention(q, k, v, *, kv_mask=None, causal=False, dropout_rate=0.0, dr
 
 
 @register_pallas("local")
-def local_attention(q, k, v, *, kv_mask=None, causal=False, window=50, dropout_rate=0.0,
+def local_attention(q, k, v, *, kv_mask=None, causal=False, window, dropout_rate=0.0,
                     dropout_rng=None, block_q=None, block_k=None, interpret=None):
     """abs(i - j) <= window; the tiles of the band."""
-    check_int("local", "window", window, 0)
     return _attend("local", q, k, v, kv_mask=kv_mask, causal=causal, pattern="local",
                    hparams=dict(window=window), block_q=block_q, block_k=block_k,
                    interpret=interpret, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
