@@ -18,6 +18,8 @@ import types
 
 import numpy as np
 
+from lra.base import BatchSource
+
 TFDS_HOWTO = (
     "Prepare it once in the ArrayRecord format (random access, no TensorFlow at training "
     "time), e.g. in an environment with tensorflow installed: `tfds build {name} "
@@ -66,7 +68,7 @@ def to_bytes(text) -> bytes:
     return text.encode("utf-8") if isinstance(text, str) else bytes(text)
 
 
-class ByteSource:
+class ByteSource(BatchSource):
     """Byte strings (first max_len bytes kept) with labels; random access and get_batch."""
 
     def __init__(self, texts: list[bytes], labels, max_len: int):
@@ -78,9 +80,6 @@ class ByteSource:
         self.label = np.asarray(labels, np.int32)
         if len(self.label) != len(clipped):
             raise ValueError(f"ByteSource: {len(clipped)} texts but {len(self.label)} labels")
-
-    def __len__(self) -> int:
-        return len(self.label)
 
     def tokens(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """-> inputs int32 [B, max_len] (0 where padded), mask bool [B, max_len]."""
@@ -95,32 +94,6 @@ class ByteSource:
     def get_batch(self, indices) -> dict[str, np.ndarray]:
         inputs, mask = self.tokens(indices)
         return {"inputs": inputs, "mask": mask, "label": self.label[np.asarray(indices)]}
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        batch = self.get_batch(np.asarray([index]))
-        return {k: v[0] for k, v in batch.items()}
-
-    def labels(self) -> np.ndarray:
-        return self.label
-
-
-class SubsetSource:
-    """A source restricted to `indices` of another (e.g. a validation split carved from train)."""
-
-    def __init__(self, source, indices):
-        self.source, self.indices = source, np.asarray(indices, np.int64)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def get_batch(self, indices) -> dict[str, np.ndarray]:
-        return self.source.get_batch(self.indices[np.asarray(indices, np.int64)])
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return self.source[int(self.indices[index])]
-
-    def labels(self) -> np.ndarray:
-        return np.asarray(self.source.labels())[self.indices]
 
 
 def progress(total: int | None, desc: str, unit: str = "ex", initial: int = 0,

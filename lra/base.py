@@ -1,8 +1,9 @@
 """The task contract shared by every LRA task, and the task registry.
 
 A task module registers a builder `build(data_config) -> Task` with `@register_task(name)`.
-A Task holds random-access sources per split ("train", "validation", "test"). A source has
-`len(source)` and `source[i] -> dict` of numpy arrays for one example:
+A Task holds random-access sources per split ("train", "validation", "test"), each a `Source`
+(below; the shared ones derive from `BatchSource`): `len(source)`, `source.get_batch(indices)`
+and `source[i] -> dict` of numpy arrays for one example:
 
   inputs: int32 [max_len]        token ids (pixel values, bytes, ListOps tokens)
   mask:   bool  [max_len]        True = real token. Padding is a mask, never a token value:
@@ -23,13 +24,46 @@ import numpy as np
 
 
 class Source(Protocol):
+    """Everything the pipeline, the loop and the tools use of a split's examples."""
+
     def __len__(self) -> int: ...
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Examples `indices` stacked: inputs, mask, label with a leading batch axis."""
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
 
+    def labels(self) -> np.ndarray:
+        """Every example's label, [N] (for the majority baseline)."""
+
+    def pending(self, indices: np.ndarray) -> int:
+        """How many of these examples get_batch still has to make (generated data; else 0)."""
+
+
+class BatchSource:
+    """Base of the sources: one example is a batch of one; stored labels in `self.label`;
+    nothing to make ahead (pending 0). Subclasses implement get_batch."""
+
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in self.get_batch(np.asarray([index], np.int64)).items()}
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.label)
+
+    def pending(self, indices) -> int:
+        return 0
+
 
 @dataclasses.dataclass
-class ArraySource:
+class ArraySource(BatchSource):
     """A source over preloaded arrays (inputs [N, ...], mask [N, ...], label [N])."""
 
     inputs: np.ndarray
@@ -43,17 +77,64 @@ class ArraySource:
                 f"ArraySource: inputs ({len(self.inputs)}), mask ({len(self.mask)}) and "
                 f"label ({n}) differ in length")
 
-    def __len__(self) -> int:
-        return len(self.label)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"inputs": self.inputs[index], "mask": self.mask[index],
-                "label": self.label[index]}
-
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Vectorised gather (fast path used by the batcher)."""
         return {"inputs": self.inputs[indices], "mask": self.mask[indices],
                 "label": self.label[indices]}
+
+
+class PixelSource(BatchSource):
+    """Images as uint8 [N, pixels] (in memory or memory-mapped) with labels; batches come out as
+    int32 pixel values with an all-True mask (image, Pathfinder release data)."""
+
+    def __init__(self, pixels, labels):
+        if len(pixels) != len(labels):
+            raise ValueError(f"PixelSource: {len(pixels)} images but {len(labels)} labels")
+        self.pixels, self.label = pixels, np.asarray(labels, np.int32)
+
+    def get_batch(self, indices):
+        indices = np.asarray(indices, np.int64)
+        pixels = np.asarray(self.pixels[indices])
+        return {"inputs": pixels.astype(np.int32), "mask": np.ones(pixels.shape, bool),
+                "label": self.label[indices]}
+
+
+class TokenSource(BatchSource):
+    """Padded token ids [N, ..., max_len] (uint8, possibly memory-mapped) with their lengths
+    [N, ...]; batches come out as int32 with mask = position < length. ListOps stores one
+    sequence per example, retrieval two ([N, 2, max_len])."""
+
+    def __init__(self, tokens, lengths, labels):
+        if not len(tokens) == len(lengths) == len(labels):
+            raise ValueError(f"TokenSource: {len(tokens)} sequences, {len(lengths)} lengths and "
+                             f"{len(labels)} labels differ")
+        self.tokens, self.lengths = tokens, np.asarray(lengths)
+        self.label = np.asarray(labels, np.int32)
+        self._positions = np.arange(tokens.shape[-1])
+
+    def get_batch(self, indices):
+        indices = np.asarray(indices, np.int64)
+        mask = self._positions < self.lengths[indices][..., None]
+        return {"inputs": np.asarray(self.tokens[indices]).astype(np.int32), "mask": mask,
+                "label": self.label[indices]}
+
+
+class SubsetSource(BatchSource):
+    """A source restricted to `indices` of another (e.g. a validation split carved from train)."""
+
+    def __init__(self, source: Source, indices):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get_batch(self, indices) -> dict[str, np.ndarray]:
+        return self.source.get_batch(self.indices[np.asarray(indices, np.int64)])
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.source.labels())[self.indices]
+
+    def pending(self, indices) -> int:
+        return self.source.pending(self.indices[np.asarray(indices, np.int64)])
 
 
 @dataclasses.dataclass
@@ -72,17 +153,8 @@ class Task:
 
     def majority_rate(self, split: str) -> float:
         """Accuracy of always predicting the most frequent label of `split`."""
-        src = self.splits[split]
-        labels = _labels(src)
+        labels = np.asarray(self.splits[split].labels())
         return float(np.bincount(labels, minlength=self.num_classes).max() / max(len(labels), 1))
-
-
-def _labels(src) -> np.ndarray:
-    if isinstance(src, ArraySource):
-        return np.asarray(src.label)
-    if hasattr(src, "labels"):
-        return np.asarray(src.labels())
-    return np.asarray([int(src[i]["label"]) for i in range(len(src))])
 
 
 TASKS: dict[str, Callable[..., Task]] = {}   # the one task registry: name -> build

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from lra._data import read_all, tfds_source
-from lra.base import Task, register_task
+from lra.base import PixelSource, Task, register_task
 
 TFDS_NAME = "cifar10"
 SIDE = 32
@@ -42,30 +42,6 @@ def load_split(split: str, data_dir: str | None):
                          f"{images.shape[1:]}; expected {(SIDE, SIDE, 3)}")
     labels = np.asarray([int(r["label"]) for r in records], np.int32)
     return to_gray(images).reshape(len(images), SIDE * SIDE), labels
-
-
-class PixelSource:
-    """Pixels stored as uint8 [N, 1024]; batches come out as int32 with an all-True mask."""
-
-    def __init__(self, pixels: np.ndarray, labels: np.ndarray):
-        if len(pixels) != len(labels):
-            raise ValueError(f"image: {len(pixels)} images but {len(labels)} labels")
-        self.pixels, self.label = pixels, np.asarray(labels, np.int32)
-
-    def __len__(self):
-        return len(self.label)
-
-    def get_batch(self, indices):
-        indices = np.asarray(indices, np.int64)
-        pixels = self.pixels[indices]
-        return {"inputs": pixels.astype(np.int32), "mask": np.ones(pixels.shape, bool),
-                "label": self.label[indices]}
-
-    def __getitem__(self, index):
-        return {k: v[0] for k, v in self.get_batch(np.asarray([index])).items()}
-
-    def labels(self):
-        return self.label
 
 
 @register_task("image")

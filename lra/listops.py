@@ -31,7 +31,7 @@ from typing import Iterable
 import numpy as np
 
 from lra._data import progress, spawn_without_main
-from lra.base import Task, register_task
+from lra.base import Task, TokenSource, register_task
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -267,30 +267,6 @@ def read_tsv(path: str) -> tuple[list[list[int]], np.ndarray]:
     if not seqs:
         raise ValueError(f"{path}: no examples (the file is empty or holds only its header)")
     return seqs, np.asarray(labels, np.int32)
-
-
-class TokenSource:
-    """Token ids stored as uint8 [N, max_len]; batches come out as int32 + mask."""
-
-    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray):
-        self.tokens, self.lengths, self.label = tokens, lengths, labels
-        self._positions = np.arange(tokens.shape[1])
-
-    def __len__(self):
-        return len(self.label)
-
-    def get_batch(self, indices):
-        lengths = self.lengths[indices]
-        return {"inputs": self.tokens[indices].astype(np.int32),
-                "mask": self._positions[None, :] < lengths[:, None],
-                "label": self.label[indices]}
-
-    def __getitem__(self, index):
-        batch = self.get_batch(np.asarray([index]))
-        return {k: v[0] for k, v in batch.items()}
-
-    def labels(self):
-        return self.label
 
 
 def pack(seqs: list[list[int]], labels: np.ndarray, max_len: int, path: str = "") -> TokenSource:

@@ -30,7 +30,7 @@ import sysconfig
 
 import numpy as np
 
-from lra.base import Task, register_task
+from lra.base import BatchSource, Task, register_task
 
 VOCAB_SIZE = 256
 EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__")
@@ -97,7 +97,7 @@ def read_split(root: str, files: list[str], cap: int) -> tuple[bytes, list[list]
     return b"".join(chunks), read
 
 
-class WindowSource:
+class WindowSource(BatchSource):
     """Windows of max_len bytes overlapping by one byte over one buffer; label = 0 (unused)."""
 
     def __init__(self, buffer: bytes, max_len: int):
@@ -119,9 +119,6 @@ class WindowSource:
         inputs = np.where(mask, self.buffer[np.minimum(pos, len(self.buffer) - 1)], 0)
         return {"inputs": inputs.astype(np.int32), "mask": mask,
                 "label": np.zeros(len(indices), np.int32)}
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {k: v[0] for k, v in self.get_batch(np.asarray([index])).items()}
 
     def labels(self) -> np.ndarray:
         """Every target byte (all but the first): Task.majority_rate is then the accuracy of

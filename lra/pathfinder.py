@@ -41,7 +41,7 @@ import numpy as np
 
 from lra import _pathfinder_gen as gen
 from lra._data import progress, spawn_without_main
-from lra.base import Task, register_task
+from lra.base import BatchSource, PixelSource, Task, register_task
 
 DIFFICULTIES = gen.DIFFICULTIES
 DIFFICULTY_DIRS = gen.DIFFICULTY_DIRS
@@ -56,7 +56,7 @@ _SHARE_LOCK = threading.Lock()
 
 
 # ----------------------------------------------------------------------------- sources
-class GeneratedSource:
+class GeneratedSource(BatchSource):
     """Examples offset .. offset + num - 1 of the generated stream; random access.
 
     get_batch generates the images it has not made yet in one vectorised call and (memoize)
@@ -149,30 +149,6 @@ class GeneratedSource:
         return {"inputs": pixels.astype(np.int32), "mask": np.ones(pixels.shape, bool),
                 "label": labels}
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {k: v[0] for k, v in self.get_batch(np.asarray([index])).items()}
-
-
-class ImageArraySource:
-    """Decoded release images (uint8 [N, R * R], possibly memory-mapped) and labels."""
-
-    def __init__(self, pixels, labels):
-        self.pixels, self.label = pixels, np.asarray(labels, np.int32)
-
-    def __len__(self):
-        return len(self.label)
-
-    def labels(self):
-        return self.label
-
-    def get_batch(self, indices):
-        indices = np.asarray(indices, np.int64)
-        pixels = np.asarray(self.pixels[indices])
-        return {"inputs": pixels.astype(np.int32), "mask": np.ones(pixels.shape, bool),
-                "label": self.label[indices]}
-
-    def __getitem__(self, index):
-        return {k: v[0] for k, v in self.get_batch(np.asarray([index])).items()}
 
 
 # ----------------------------------------------------------------------------- release format
@@ -320,7 +296,7 @@ def _build(cfg, name: str, default_resolution: int) -> Task:
         base = release_dir(cfg.data_dir, resolution, difficulty)
         pixels, labels, skipped = load_release(base, resolution, cfg.get("cache_dir", ""))
         ranges = split_release(len(labels))
-        splits = {s: ImageArraySource(pixels[a:b], labels[a:b]) for s, (a, b) in ranges.items()}
+        splits = {s: PixelSource(pixels[a:b], labels[a:b]) for s, (a, b) in ranges.items()}
         info.update(origin=f"release files in {base}", skipped_images=len(skipped),
                     skipped_examples=skipped[:5])
     else:

@@ -35,13 +35,6 @@ _ENDLESS = 2 ** 62        # length of the training stream of steps (grain datase
 PROCESSES_FROM = 1024     # examples still to draw from which worker processes pay off
 
 
-def _gather(source, indices: np.ndarray) -> dict[str, np.ndarray]:
-    if hasattr(source, "get_batch"):
-        return source.get_batch(indices)
-    examples = [source[int(i)] for i in indices]
-    return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
-
-
 def train_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     """Indices of the training batch at `step` (epochs reshuffled, remainder dropped)."""
     if batch_size > num_examples:
@@ -61,7 +54,7 @@ class TrainBatch:
         self.num = len(source)
 
     def __call__(self, step) -> dict[str, np.ndarray]:
-        return _gather(self.source, train_indices(self.num, self.batch_size, self.seed,
+        return self.source.get_batch(train_indices(self.num, self.batch_size, self.seed,
                                                   int(step)))
 
 
@@ -74,7 +67,7 @@ class EvalBatch:
     def __call__(self, b) -> dict[str, np.ndarray]:
         idx = np.arange(int(b) * self.batch_size, (int(b) + 1) * self.batch_size)
         weight = (idx < self.num).astype(np.float32)          # 0 = a padding row
-        batch = _gather(self.source, np.minimum(idx, self.num - 1))
+        batch = self.source.get_batch(np.minimum(idx, self.num - 1))
         batch["weight"] = weight
         return batch
 
@@ -83,8 +76,7 @@ def uses_processes(source, indices: np.ndarray, workers: int) -> bool:
     """Whether the pipeline builds batches in worker processes (else threads): with workers > 0,
     for a source that still has at least PROCESSES_FROM of `indices` to draw. Below that the
     drawing is shorter than starting the workers (seconds each: they import numpy and grain)."""
-    pending = getattr(source, "pending", None)
-    return workers > 0 and pending is not None and pending(indices) >= PROCESSES_FROM
+    return workers > 0 and source.pending(indices) >= PROCESSES_FROM
 
 
 def dataset(make, start: int, stop: int) -> grain.MapDataset:

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from lra.base import Task, register_task
+from lra.base import Task, TokenSource, register_task
 
 SPLIT_FILES = {"train": "new_aan_pairs.train.tsv", "validation": "new_aan_pairs.eval.tsv",
                "test": "new_aan_pairs.test.tsv"}
@@ -87,33 +87,10 @@ def read_tsv(path: str, max_len: int):
     return tokens, lengths, labels
 
 
-class PairSource:
-    """Byte-token pairs: inputs int32 [2, max_len], mask bool [2, max_len], label."""
-
-    def __init__(self, tokens, lengths, labels):
-        self.tokens, self.lengths, self.label = tokens, lengths, labels
-        self._pos = np.arange(tokens.shape[-1])
-
-    def __len__(self):
-        return len(self.label)
-
-    def get_batch(self, indices):
-        indices = np.asarray(indices, np.int64)
-        mask = self._pos[None, None, :] < self.lengths[indices][..., None]   # [B, 2, T]
-        return {"inputs": np.asarray(self.tokens[indices]).astype(np.int32), "mask": mask,
-                "label": self.label[indices]}
-
-    def __getitem__(self, index):
-        return {k: v[0] for k, v in self.get_batch(np.asarray([index])).items()}
-
-    def labels(self):
-        return self.label
-
-
-def load_split(path: str, max_len: int, cache_dir: str | None) -> PairSource:
+def load_split(path: str, max_len: int, cache_dir: str | None) -> TokenSource:
     """Reads a TSV through a cache of .npy files (memory-mapped) under cache_dir."""
     if not cache_dir:
-        return PairSource(*read_tsv(path, max_len))
+        return TokenSource(*read_tsv(path, max_len))
     st = os.stat(path)
     key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{max_len}"
                        .encode()).hexdigest()[:16]
@@ -128,10 +105,10 @@ def load_split(path: str, max_len: int, cache_dir: str | None) -> PairSource:
             with open(os.path.join(cache, "DONE"), "w") as f:
                 json.dump({"source": os.path.abspath(path), "max_len": max_len}, f)
         except OSError:
-            return PairSource(*arrays)      # unwritable cache dir: keep it in memory
-        return PairSource(*arrays)
+            return TokenSource(*arrays)      # unwritable cache dir: keep it in memory
+        return TokenSource(*arrays)
     tokens = np.load(os.path.join(cache, "tokens.npy"), mmap_mode="r")
-    return PairSource(tokens, np.load(os.path.join(cache, "lengths.npy")),
+    return TokenSource(tokens, np.load(os.path.join(cache, "lengths.npy")),
                       np.load(os.path.join(cache, "labels.npy")))
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lra._data import ByteSource, SubsetSource, read_all, tfds_source, to_bytes
-from lra.base import Task, register_task
+from lra._data import ByteSource, read_all, tfds_source, to_bytes
+from lra.base import SubsetSource, Task, register_task
 
 TFDS_NAME = "imdb_reviews"
 NUM_CLASSES = 2

@@ -139,7 +139,7 @@ def _bench(spec, config, s, data, steps, rounds, first, fresh) -> dict:
         finally:
             it.close()
 
-    generated = hasattr(src, "pending")
+    generated = src.pending(np.arange(len(src))) > 0
     mode = ("processes" if pipeline.uses_processes(fresh[0], np.arange(len(fresh[0])), workers)
             else "threads")
     fed_first = first_epoch(fresh[0])
