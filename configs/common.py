@@ -121,19 +121,9 @@ def epochs_cosine(c: ml_collections.ConfigDict, train_examples: int, *, epochs: 
 
 def shrink_tiny(c: ml_collections.ConfigDict, *, max_len: int = 64):
     """The `tiny` option: a model and run that train in seconds on a CPU (used by tests)."""
-    c.model.num_layers = 1
-    c.model.num_heads = 2
-    c.model.emb_dim = 32
-    c.model.qkv_dim = 32
-    c.model.mlp_dim = 64
-    c.data.max_len = max_len
-    c.data.batch_size = 8
-    c.data.eval_batch_size = 16
-    c.train.steps = 20
-    c.train.warmup_steps = 5
-    c.train.log_every = 5
-    c.train.eval_every = 10
-    c.train.checkpoint_every = 10
-    c.train.eval_examples = 64
+    c.model.update(num_layers=1, num_heads=2, emb_dim=32, qkv_dim=32, mlp_dim=64)
+    c.data.update(max_len=max_len, batch_size=8, eval_batch_size=16)
+    c.train.update(steps=20, warmup_steps=5, log_every=5, eval_every=10, checkpoint_every=10,
+                   eval_examples=64)
     variant_table.shrink_for_length(c.attention, max_len)
     return c

@@ -31,60 +31,32 @@ def get_config(arg=None):
             f"lm: attention variant {variant!r} cannot be causal; the lm task (next-byte "
             f"prediction) must support causal attention. Causal variants: {', '.join(causal)}")
     c = common.base_config("lm", variant)
-    c.model.num_layers = 4
-    c.model.num_heads = 4
-    c.model.emb_dim = 256
-    c.model.qkv_dim = 256
-    c.model.mlp_dim = 1024
-    c.model.dropout_rate = 0.1
-    c.model.attention_dropout_rate = 0.1
-    c.model.pooling = "mean"          # no CLS prefix; the LM head reads every position
-    c.model.pos_embedding = "sinusoidal"
-
-    c.data.max_len = int(keys.get("len", 1024))   # bytes per window (context length)
-    c.data.batch_size = 32
-    c.data.eval_batch_size = 32
-    c.data.validation_fraction = 0.05  # share of files (by path hash) in validation
-    c.data.test_fraction = 0.05        # share of files (by path hash) in test
-    c.data.train_bytes = 0             # bytes of the train split read; 0 = all
-    c.data.eval_bytes = 0              # bytes of validation and of test read; 0 = all
-
-    c.train.objective = "causal_lm"
-    c.train.steps = 20000
-    c.train.learning_rate = 1e-3
-    c.train.schedule = "cosine"
-    c.train.warmup_steps = 1000
-    c.train.weight_decay = 0.1
-    c.train.grad_clip = 1.0
-    c.train.eval_every = 1000
-    c.train.eval_examples = 512
-    c.train.checkpoint_every = 1000
+    c.model.update(num_layers=4, num_heads=4, emb_dim=256, qkv_dim=256, mlp_dim=1024,
+                   dropout_rate=0.1, attention_dropout_rate=0.1,
+                   pooling="mean",            # no CLS prefix; the LM head reads every position
+                   pos_embedding="sinusoidal")
+    c.data.update(max_len=int(keys.get("len", 1024)),   # bytes per window (context length)
+                  batch_size=32, eval_batch_size=32,
+                  validation_fraction=0.05,  # share of files (by path hash) in validation
+                  test_fraction=0.05,        # share of files (by path hash) in test
+                  train_bytes=0,             # bytes of the train split read; 0 = all
+                  eval_bytes=0)              # bytes of validation and of test read; 0 = all
+    c.train.update(objective="causal_lm", steps=20000, learning_rate=1e-3, schedule="cosine",
+                   warmup_steps=1000, weight_decay=0.1, grad_clip=1.0, eval_every=1000,
+                   eval_examples=512, checkpoint_every=1000)
 
     if "tiny" in flags:
         common.shrink_tiny(c, max_len=int(keys.get("len", 64)))
         c.model.pooling = "mean"
-        c.data.train_bytes = 256 * 1024
-        c.data.eval_bytes = 16 * 1024
-        c.train.learning_rate = 3e-3
-        c.train.eval_examples = 32
+        c.data.update(train_bytes=256 * 1024, eval_bytes=16 * 1024)
+        c.train.update(learning_rate=3e-3, eval_examples=32)
     elif "small" in flags:
-        c.model.num_layers = 2
-        c.model.num_heads = 4
-        c.model.emb_dim = 128
-        c.model.qkv_dim = 128
-        c.model.mlp_dim = 256
-        c.model.dropout_rate = 0.0
-        c.model.attention_dropout_rate = 0.0
-        c.data.max_len = int(keys.get("len", 256))
-        c.data.batch_size = 16
-        c.data.eval_batch_size = 32
-        c.data.eval_bytes = 256 * 1024
-        c.train.steps = 2000
-        c.train.warmup_steps = 100
-        c.train.learning_rate = 2e-3
-        c.train.eval_every = 500
-        c.train.eval_examples = 256
-        c.train.checkpoint_every = 500
+        c.model.update(num_layers=2, num_heads=4, emb_dim=128, qkv_dim=128, mlp_dim=256,
+                       dropout_rate=0.0, attention_dropout_rate=0.0)
+        c.data.update(max_len=int(keys.get("len", 256)), batch_size=16, eval_batch_size=32,
+                      eval_bytes=256 * 1024)
+        c.train.update(steps=2000, warmup_steps=100, learning_rate=2e-3, eval_every=500,
+                       eval_examples=256, checkpoint_every=500)
         # Length-bound hyperparameters sized for a 256-byte context, so that the sparse
         # variants keep their structure (a 50-wide window or 64-blocks would be nearly dense).
         for key, value in SMALL_HPARAMS.items():

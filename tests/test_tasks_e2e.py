@@ -18,14 +18,9 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _shrink(c, tmp_path, batch):
-    c.train.steps = 2
-    c.train.log_every = 1
-    c.train.eval_every = 2
-    c.train.checkpoint_every = 2
-    c.data.batch_size = batch
-    c.data.eval_batch_size = 4
-    c.data.workers = 1
-    c.data.cache_dir = str(tmp_path / "cache")
+    c.train.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+    c.data.update(batch_size=batch, eval_batch_size=4, workers=1,
+                  cache_dir=str(tmp_path / "cache"))
     return c
 
 
