@@ -43,4 +43,9 @@ LEARNED_CASES: dict[str, dict] = {
     "inducing": {"num_inducing": 4},
 }
 
-CASES = {**CORE_CASES, **FIXED_PATTERN_CASES, **LEARNED_CASES}
+# attention part 3a (sparse attention of 2024-2026, pattern mixtures) adds its entries here.
+SPARSE_2024_CASES: dict[str, dict] = {
+    "sliding_sink": {"window": 3, "num_sink": 2, "learned_sink": True},
+}
+
+CASES = {**CORE_CASES, **FIXED_PATTERN_CASES, **LEARNED_CASES, **SPARSE_2024_CASES}
