@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import statistics
@@ -48,16 +49,7 @@ LEAF_PROB = 0.25  # r > LEAF_PROB -> leaf
 # ----------------------------------------------------------------------------- generator
 def generate_tree(rng: random.Random, depth: int = 1, max_depth: int = 10, max_args: int = 10):
     """-> (tree, length). A tree is a digit (int) or (operator, [children])."""
-    r = rng.random() if depth < max_depth else 1.0
-    if r > LEAF_PROB:
-        return rng.randrange(10), 1
-    num_args = rng.randint(2, max_args)
-    children, length = [], 2
-    for _ in range(num_args):
-        child, child_len = generate_tree(rng, depth + 1, max_depth, max_args)
-        children.append(child)
-        length += child_len
-    return (OPERATORS[rng.randrange(len(OPERATORS))], children), length
+    return _tree_within(rng, depth, max_depth, max_args, math.inf)
 
 
 def evaluate(tree) -> int:
@@ -96,8 +88,8 @@ class _TooLong(Exception):
 
 
 def _tree_within(rng: random.Random, depth: int, max_depth: int, max_args: int, budget: int):
-    """generate_tree that gives up (_TooLong) as soon as the tree reaches `budget` tokens:
-    such a tree would be rejected anyway, so the kept trees have the same distribution."""
+    """A random tree (LRA's generator) that gives up (_TooLong) as soon as it reaches `budget`
+    tokens: such a tree would be rejected anyway, so the kept trees have the same distribution."""
     r = rng.random() if depth < max_depth else 1.0
     if r > LEAF_PROB:
         return rng.randrange(10), 1

@@ -39,6 +39,15 @@ def _footer(fig, env: dict):
     fig.text(0.01, 0.005, text, fontsize=7, color="#555555")
 
 
+def _save(plt, fig, env: dict, path: str) -> str:
+    """Footer (machine, versions, date), layout, PNG at `path`; the figure is closed."""
+    _footer(fig, env)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _variants(names):
     names = list(dict.fromkeys(names))
     return (["dense"] if "dense" in names else []) + [n for n in names if n != "dense"]
@@ -79,11 +88,7 @@ def plot_speed(result: dict, path: str) -> str:
     axes[2].set_yscale("log", base=2)
     axes[2].axhline(1.0, color="black", linewidth=0.8)
     axes[2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    _footer(fig, result.get("environment", {}))
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, result.get("environment", {}), path)
 
 
 def plot_cost(result: dict, path: str) -> str:
@@ -112,11 +117,7 @@ def plot_cost(result: dict, path: str) -> str:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    _footer(fig, result.get("environment", {}))
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, result.get("environment", {}), path)
 
 
 def accuracy_bars(report: dict) -> list[tuple[str, str, float | None, object]]:
@@ -154,11 +155,7 @@ def plot_accuracy(report: dict, path: str) -> str:
                  fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    _footer(fig, report.get("environment", {}))
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, report.get("environment", {}), path)
 
 
 def main(argv=None):

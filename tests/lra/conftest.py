@@ -9,3 +9,10 @@ def mocked_records(dataset: str, num_examples: int):
     with tfds.testing.mock_data(num_examples=num_examples):
         yield {s: [tfds.data_source(dataset, split=s)[i] for i in range(num_examples)]
                for s in ("train", "test")}
+
+
+def tiny_data(config_module, **over):
+    """The data part of a task's `tiny` config, with fields `over` changed."""
+    c = config_module.get_config("tiny").data
+    c.update(over)
+    return c

@@ -6,16 +6,13 @@ import pytest
 import lra
 from configs import image as image_config
 from lra.image import PixelSource, to_gray
-from tests.lra.conftest import mocked_records
+from tests.lra.conftest import mocked_records, tiny_data
 
 N = 20
 
 
 def _cfg(**over):
-    c = image_config.get_config("tiny").data
-    for k, v in over.items():
-        c[k] = v
-    return c
+    return tiny_data(image_config, **over)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import lra
 from configs import pathfinder as pf_config
 from lra import _pathfinder_gen as gen
 from lra import pathfinder
+from tests.lra.conftest import tiny_data
 
 SAMPLE = 200
 
@@ -99,10 +100,7 @@ def test_settings_reject_bad_values():
 
 
 def _cfg(**over):
-    c = pf_config.get_config("tiny").data
-    for k, v in over.items():
-        c[k] = v
-    return c
+    return tiny_data(pf_config, **over)
 
 
 def test_generated_task_sources():

@@ -7,16 +7,13 @@ import pytest
 import lra
 from configs import text as text_config
 from lra._data import ByteSource
-from tests.lra.conftest import mocked_records
+from tests.lra.conftest import mocked_records, tiny_data
 
 N = 24
 
 
 def _cfg(**over):
-    c = text_config.get_config("tiny").data
-    for k, v in over.items():
-        c[k] = v
-    return c
+    return tiny_data(text_config, **over)
 
 
 @pytest.fixture

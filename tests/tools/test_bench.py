@@ -13,11 +13,7 @@ from tools import bench_speed, cost_table
 TINY = {"num_layers": 1, "num_heads": 2, "emb_dim": 16, "qkv_dim": 16, "mlp_dim": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def test_fit_exponent_recovers_a_power_law():

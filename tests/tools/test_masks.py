@@ -20,11 +20,7 @@ from training.loop import setup
 N = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def test_every_fixed_pattern_variant_is_pictured():
