@@ -46,6 +46,13 @@ LEARNED_CASES: dict[str, dict] = {
 # attention part 3a (sparse attention of 2024-2026, pattern mixtures) adds its entries here.
 SPARSE_2024_CASES: dict[str, dict] = {
     "sliding_sink": {"window": 3, "num_sink": 2, "learned_sink": True},
+    "moba": {"block_size": 4, "top_k": 3},
 }
 
-CASES = {**CORE_CASES, **FIXED_PATTERN_CASES, **LEARNED_CASES, **SPARSE_2024_CASES}
+# attention part 3b (gated linear recurrences, differential attention) adds its entries here.
+RECURRENT_CASES: dict[str, dict] = {
+    "gla": {"chunk_size": 8, "gate_rank": 4},
+}
+
+CASES = {**CORE_CASES, **FIXED_PATTERN_CASES, **LEARNED_CASES, **SPARSE_2024_CASES,
+         **RECURRENT_CASES}
