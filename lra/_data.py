@@ -8,11 +8,14 @@
   byte 0 is a real token.
 - `progress`: the progress bar (count, rate, ETA) of data generation and evaluation passes.
 - `spawn_without_main`: worker processes that do not re-import the __main__ script.
+- `at_least`, `add_processes`: the generators' command-line counts.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import os
 import sys
 import types
 
@@ -94,6 +97,26 @@ class ByteSource(BatchSource):
     def get_batch(self, indices) -> dict[str, np.ndarray]:
         inputs, mask = self.tokens(indices)
         return {"inputs": inputs, "mask": mask, "label": self.label[np.asarray(indices)]}
+
+
+def at_least(minimum: int):
+    """argparse type: an integer >= minimum ("--num 0" -> "argument --num: must be >= 1")."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {value}")
+        return value
+    return parse
+
+
+def add_processes(parser: argparse.ArgumentParser, what: str) -> None:
+    """--processes: how many worker processes do `what` (default: every core)."""
+    parser.add_argument("--processes", type=at_least(1), default=os.cpu_count() or 1,
+                        help=f"worker processes {what} (default: every core); the files do not "
+                             f"depend on it")
 
 
 def progress(total: int | None, desc: str, unit: str = "ex", initial: int = 0,

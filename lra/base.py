@@ -163,6 +163,8 @@ TASKS: dict[str, Callable[..., Task]] = {}   # the one task registry: name -> bu
 def register_task(name: str):
     """Decorator: registers build(data_config) -> Task under `name`."""
     def deco(build):
+        if name in TASKS and build.__module__ == "__main__":
+            return build    # `python -m lra.<task>`: the package registered the module already
         if name in TASKS:
             raise ValueError(f"task {name!r} is registered twice")
         TASKS[name] = build

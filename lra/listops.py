@@ -31,7 +31,7 @@ from typing import Iterable
 
 import numpy as np
 
-from lra._data import progress, spawn_without_main
+from lra._data import add_processes, at_least, progress, spawn_without_main
 from lra.base import Task, TokenSource, register_task
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -338,21 +338,14 @@ def build(cfg) -> Task:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate ListOps in the LRA release format.")
     p.add_argument("--out_dir", required=True)
-    p.add_argument("--num_train", type=int, default=96000)
-    p.add_argument("--num_val", type=int, default=2000)
-    p.add_argument("--num_test", type=int, default=2000)
+    p.add_argument("--num_train", type=at_least(0), default=96000)
+    p.add_argument("--num_val", type=at_least(0), default=2000)
+    p.add_argument("--num_test", type=at_least(0), default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min_length", type=int, default=500)
     p.add_argument("--max_length", type=int, default=2000)
-    p.add_argument("--processes", type=int, default=os.cpu_count() or 1,
-                   help="worker processes once generation takes more than a few seconds "
-                        "(default: every core); the files do not depend on it")
+    add_processes(p, "once generation takes more than a few seconds")
     a = p.parse_args(argv)
-    for name in ("num_train", "num_val", "num_test"):
-        if getattr(a, name) < 0:
-            p.error(f"--{name} must be >= 0; got {getattr(a, name)}")
-    if a.processes < 1:
-        p.error(f"--processes must be >= 1; got {a.processes}")
     if a.min_length + 1 >= a.max_length:
         p.error(f"need --min_length + 1 < --max_length; got {a.min_length}, {a.max_length}")
     paths = generate_files(a.out_dir, num_train=a.num_train, num_val=a.num_val,

@@ -40,7 +40,7 @@ import threading
 import numpy as np
 
 from lra import _pathfinder_gen as gen
-from lra._data import progress, spawn_without_main
+from lra._data import add_processes, at_least, progress, spawn_without_main
 from lra.base import BatchSource, PixelSource, Task, register_task
 
 DIFFICULTIES = gen.DIFFICULTIES
@@ -448,16 +448,12 @@ def main(argv=None):
     p.add_argument("--out_dir", required=True)
     p.add_argument("--resolution", type=int, default=32, choices=RESOLUTIONS)
     p.add_argument("--difficulty", default="hard", choices=list(DIFFICULTIES))
-    p.add_argument("--num", type=int, default=200000)
+    p.add_argument("--num", type=at_least(1), default=200000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per_batch", type=int, default=1000, help="images per imgs/<batch> folder")
-    p.add_argument("--processes", type=int, default=os.cpu_count() or 1,
-                   help="worker processes drawing images (default: every core); the files do "
-                        "not depend on it")
+    p.add_argument("--per_batch", type=at_least(1), default=1000,
+                   help="images per imgs/<batch> folder")
+    add_processes(p, "drawing images")
     a = p.parse_args(argv)
-    for name in ("num", "per_batch", "processes"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name} must be >= 1; got {getattr(a, name)}")
     base = write_release(a.out_dir, a.resolution, a.difficulty, a.num, a.seed, a.per_batch,
                          processes=a.processes, progress_bar=True)
     print(f"wrote {a.num} images to {base}")

@@ -230,3 +230,26 @@ def test_abandoning_long_trees_keeps_the_distribution():
     y_fast = np.bincount([y for _, y in fast], minlength=10) / len(fast)
     y_slow = np.bincount([y for _, y in slow], minlength=10) / len(slow)
     assert np.abs(y_fast - y_slow).max() < 0.05, (y_fast, y_slow)
+
+
+def test_generator_commands_run_as_documented(tmp_path):
+    """`python -m lra.listops` / `python -m lra.pathfinder` (README, docs/tasks.md): the module
+    run as __main__ registers its task a second time without error; bad counts are refused."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    ok = run("lra.listops", "--out_dir", str(tmp_path / "lo"), "--num_train", "4", "--num_val",
+             "2", "--num_test", "2", "--min_length", "5", "--max_length", "30",
+             "--processes", "1")
+    assert ok.returncode == 0, ok.stderr
+    assert len(open(tmp_path / "lo" / "basic_train.tsv").read().splitlines()) == 1 + 4
+    bad = run("lra.pathfinder", "--out_dir", str(tmp_path / "pf"), "--num", "0")
+    assert bad.returncode == 2 and "--num: must be >= 1; got 0" in bad.stderr
+    assert not (tmp_path / "pf").exists()
