@@ -52,6 +52,8 @@ SPARSE_2024_CASES: dict[str, dict] = {
 # attention part 3b (gated linear recurrences, differential attention) adds its entries here.
 RECURRENT_CASES: dict[str, dict] = {
     "gla": {"chunk_size": 8, "gate_rank": 4},
+    "deltanet": {"chunk_size": 8},
+    "gated_deltanet": {"chunk_size": 8},
 }
 
 CASES = {**CORE_CASES, **FIXED_PATTERN_CASES, **LEARNED_CASES, **SPARSE_2024_CASES,

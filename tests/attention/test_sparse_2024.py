@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import attention
+from tests.attention.compile_options import FAST_COMPILE
 
 TOL = 2e-5
 
@@ -98,3 +99,63 @@ def test_sliding_sink_state_and_errors():
     q = np.zeros((1, 8, 3, 4), np.float32)
     with pytest.raises(ValueError, match="sink"):
         attention.get("sliding_sink")(q, q, q, learned_sink=True)
+
+
+# ------------------------------------------------------------------------------------ moba
+
+
+def _moba_keep(q, k, kv_mask, c, top_k, causal):
+    """float64 reference of MoBA's pairs: bool [B, H, n, n], selected independently (numpy
+    sort; ties to the lower block)."""
+    b, n, h, _ = q.shape
+    nb = -(-n // c)
+    kvm = np.ones((b, n), bool) if kv_mask is None else kv_mask
+    keep = np.zeros((b, h, n, n), bool)
+    for bb in range(b):
+        for hh in range(h):
+            means, real = [], []
+            for blk in range(nb):
+                sl = slice(blk * c, min(n, (blk + 1) * c))
+                r = kvm[bb, sl]
+                real.append(r.any())
+                means.append(k[bb, sl, hh][r].astype(np.float64).mean(0) if r.any()
+                             else np.zeros(k.shape[-1]))
+            for i in range(n):
+                own = i // c
+                cand = [m for m in range(nb) if real[m] and (m < own if causal else m != own)]
+                score = {m: float(q[bb, i, hh].astype(np.float64) @ means[m]) for m in cand}
+                chosen = sorted(cand, key=lambda m: (-score[m], m))[:top_k - 1] + [own]
+                for m in chosen:
+                    keep[bb, hh, i, m * c:(m + 1) * c] = True
+    keep &= kvm[:, None, None, :]
+    if causal:
+        keep &= np.tril(np.ones((n, n), bool))
+    return keep
+
+
+MOBA_TOP_K = (1, 8, 20, 3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_moba_limits_and_intermediate_top_k(causal):
+    b, n, h, d, c = 2, 38, 2, 8, 5   # 8 blocks, the last one partial
+    q, k, v, kv_mask = _inputs(2, b, n, h, d, kv_lens=(n, 23))
+    kv_mask[1, 10:15] = False        # a block with no real key in row 1: never selected
+    moba = attention.get("moba")
+    outs = jax.jit(lambda q, k, v, m: [moba(q, k, v, kv_mask=m, causal=causal, block_size=c,
+                                            top_k=t) for t in MOBA_TOP_K],
+                   compiler_options=FAST_COMPILE)(q, k, v, jnp.asarray(kv_mask))
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    own_only = np.broadcast_to((i // c == j // c), (b, h, n, n)) & kv_mask[:, None, None]
+    if causal:
+        own_only = own_only & (j <= i)
+    dense = _pair_mask(n, kv_mask, causal, lambda i, j: i == i, b, h)
+    for top_k, keep, out in zip(MOBA_TOP_K, (own_only, dense, dense,
+                                            _moba_keep(q, k, kv_mask, c, 3, causal)), outs):
+        np.testing.assert_allclose(np.asarray(out), _dense_ref(q, k, v, keep), atol=TOL,
+                                   rtol=TOL, err_msg=f"top_k={top_k}")
+    keep3 = _moba_keep(q, k, kv_mask, c, 3, causal)
+    assert (keep3 != own_only).any() and (keep3 != dense).any()  # not degenerate
+    # the selection really is data dependent: queries of one block pick different blocks
+    rows = keep3[0, 0, 30:35].reshape(5, -1)
+    assert len({r.tobytes() for r in rows}) > 1
