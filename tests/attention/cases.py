@@ -47,6 +47,9 @@ LEARNED_CASES: dict[str, dict] = {
 SPARSE_2024_CASES: dict[str, dict] = {
     "sliding_sink": {"window": 3, "num_sink": 2, "learned_sink": True},
     "moba": {"block_size": 4, "top_k": 3},
+    "mixture": {"variants": "sliding_sink,strided",
+                "member_hparams": "sliding_sink.window=3,sliding_sink.learned_sink=true,"
+                                  "strided.stride=4"},
 }
 
 # attention part 3b (gated linear recurrences, differential attention) adds its entries here.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import attention
+from attention import delta as delta_mod
 from attention import gla as gla_mod
 from tests.attention.compile_options import FAST_COMPILE
 
@@ -139,3 +140,67 @@ def test_gla_bf16_long_sequence_with_strong_decay():
     scale = np.abs(ref).max()
     assert scale > 1.0
     np.testing.assert_allclose(out, ref, atol=0.02 * scale)
+
+
+def delta_recurrence(q, k, v, beta, g):
+    """S_t = exp(g_t) (S_{t-1} - beta_t k_t (k_t^T S_{t-1})) + beta_t k_t v_t^T; o_t = S_t^T q_t."""
+    def step(s, x):
+        qt, kt, vt, bt, gt = x
+        pred = jnp.einsum("bhd,bhde->bhe", kt, s)                  # k_t^T S_{t-1}
+        s = jnp.exp(gt)[..., None, None] * (s - bt[..., None, None] * kt[..., :, None]
+                                            * pred[..., None, :])
+        s = s + bt[..., None, None] * kt[..., :, None] * vt[..., None, :]
+        return s, jnp.einsum("bhd,bhde->bhe", qt, s)
+    return scan_time(step, jnp.zeros(k.shape[:2] + (k.shape[-1], v.shape[-1]), q.dtype),
+                     q, k, v, beta, g)
+
+
+def delta_reference(q, k, v, mask, *, causal, output_norm, chunk_size, **params):
+    beta, g = delta_mod.gates(k, **params)
+    beta, g = jnp.where(mask[:, None], beta, 0.0), jnp.where(mask[:, None], g, 0.0)
+    m4 = mask[:, None, :, None]
+    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    kt = jnp.where(m4, delta_mod.l2_normalize(kt), 0.0)
+    vt = jnp.where(m4, vt, 0.0)
+    out = both_ways(delta_recurrence, causal, delta_mod.l2_normalize(qt), kt, vt, beta, g)
+    if output_norm:
+        out = out / jnp.sqrt(jnp.mean(out * out, -1, keepdims=True) + gla_mod.RMS_EPS)
+    return jnp.swapaxes(out, 1, 2)
+
+
+@pytest.mark.parametrize("name,causal", [("deltanet", True), ("deltanet", False),
+                                         ("gated_deltanet", True)])
+def test_delta_chunkwise_equals_recurrence(name, causal):
+    with jax.enable_x64(True):
+        q, k, v, ct, mask = inputs(4)
+        k = 2.0 * k
+        params = state(name)
+        if name == "gated_deltanet":   # decays from ~0.3 to ~1 per step
+            params["decay_bias"] = params["decay_bias"] + 2.0
+        hp = attention.hparams_for(name, {"output_norm": not causal})
+        ref = grads_of(lambda q, k, v, p: delta_reference(q, k, v, mask, causal=causal, **hp,
+                                                          **p), q, k, v, ct, params)
+        for chunk in (4, 16) if causal else (8,):
+            hp["chunk_size"] = chunk
+            got = grads_of(lambda q, k, v, p: attention.get(name).fn(
+                q, k, v, kv_mask=mask, causal=causal, **hp, **p), q, k, v, ct, params)
+            assert_same(got, ref)
+        np.testing.assert_array_equal(np.asarray(got[1][1])[1, -PADS:], 0.0)
+        np.testing.assert_array_equal(np.asarray(got[1][2])[1, -PADS:], 0.0)
+        if name == "gated_deltanet":
+            assert np.abs(np.asarray(got[1][3]["decay_log_rate"])).max() > 1e-3
+
+
+def test_gated_deltanet_with_every_decay_one_is_deltanet():
+    with jax.enable_x64(True):
+        q, k, v, _, mask = inputs(5)
+        params = state("gated_deltanet")
+        hp = attention.hparams_for("deltanet", {"chunk_size": 8})
+        run = lambda name, p: jax.jit(lambda q, k, v: attention.get(name).fn(  # noqa: E731
+            q, k, v, kv_mask=mask, causal=True, **hp, **p),
+            compiler_options=FAST_COMPILE)(q, k, v)
+        gated = run("gated_deltanet", {**params, "decay_log_rate": jnp.full((H,), -1e4)})
+        plain = run("deltanet", {n: params[n] for n in ("beta_proj", "beta_bias")})
+        np.testing.assert_allclose(gated, plain, atol=1e-12, rtol=1e-12)
+        decayed = run("gated_deltanet", params)
+        assert np.abs(np.asarray(decayed) - np.asarray(plain)).max() > 1e-3
