@@ -159,3 +159,62 @@ def test_moba_limits_and_intermediate_top_k(causal):
     # the selection really is data dependent: queries of one block pick different blocks
     rows = keep3[0, 0, 30:35].reshape(5, -1)
     assert len({r.tobytes() for r in rows}) > 1
+
+
+# --------------------------------------------------------------------------------- mixture
+
+
+def test_mixture_equals_its_members_on_their_head_groups():
+    b, n, h, d = 2, 30, 6, 8
+    q, k, v, kv_mask = _inputs(3, b, n, h, d, kv_lens=(n, 17))
+    mix = attention.get("mixture")
+    hp = {"variants": "local,sliding_sink,moba",
+          "member_hparams": "local.window=3,sliding_sink.window=2,sliding_sink.num_sink=2,"
+                            "sliding_sink.learned_sink=true,moba.block_size=4,moba.top_k=2"}
+    st = mix.init_state(jax.random.key(0), q_len=n, kv_len=n, num_heads=h, head_dim=d, **hp)
+    assert set(st["params"]) == {"m1_sliding_sink_sink"}
+    st = {"m1_sliding_sink_sink": jnp.array([0.5, -2.0])}  # per-head values of the group
+    mask = jnp.asarray(kv_mask)
+    members = [("local", {"window": 3}, {}),
+               ("sliding_sink", {"window": 2, "num_sink": 2, "learned_sink": True},
+                {"sink": st["m1_sliding_sink_sink"]}),
+               ("moba", {"block_size": 4, "top_k": 2}, {})]
+
+    def run(q, k, v):
+        res = []
+        for causal in (False, True):
+            out = mix(q, k, v, kv_mask=mask, causal=causal, **hp, **st)
+            refs = [attention.get(name)(q[:, :, 2 * i:2 * i + 2], k[:, :, 2 * i:2 * i + 2],
+                                        v[:, :, 2 * i:2 * i + 2], kv_mask=mask, causal=causal,
+                                        **mhp, **arrays)
+                    for i, (name, mhp, arrays) in enumerate(members)]
+            other = attention.get("local")(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], kv_mask=mask,
+                                           causal=causal, window=3)
+            res.append((out, refs, other))
+        return res
+
+    for out, refs, other in jax.jit(run, compiler_options=FAST_COMPILE)(q, k, v):
+        for i, ref in enumerate(refs):
+            np.testing.assert_array_equal(np.asarray(out[:, :, 2 * i:2 * i + 2]),
+                                          np.asarray(ref))
+        # the groups really differ: moba's heads are not what local would give
+        assert np.abs(np.asarray(out[:, :, 4:]) - np.asarray(other)).max() > 1e-3
+
+
+def test_mixture_errors():
+    q = np.zeros((1, 12, 3, 4), np.float32)
+    mix = attention.get("mixture")
+    with pytest.raises(ValueError, match="3 heads cannot be split into 2"):
+        mix(q, q, q)
+    with pytest.raises(ValueError, match="Unrecognized attention variant"):
+        mix(q, q, q, variants="local,nope,strided")
+    with pytest.raises(ValueError, match="update_buffers"):
+        mix(q, q, q, variants="routing,local,strided")
+    with pytest.raises(ValueError, match="model supplies"):
+        mix(q, q, q, variants="axial,local,strided")
+    with pytest.raises(ValueError, match="not in variants"):
+        mix(q, q, q, variants="local,strided,dense", member_hparams="moba.top_k=2")
+    with pytest.raises(ValueError, match="member.key=value"):
+        mix(q, q, q, member_hparams="window=3")
+    with pytest.raises(ValueError, match="window"):
+        mix(q, q, q, variants="local,strided,dense", member_hparams="local.window=-1")
