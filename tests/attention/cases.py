@@ -47,6 +47,7 @@ LEARNED_CASES: dict[str, dict] = {
 SPARSE_2024_CASES: dict[str, dict] = {
     "sliding_sink": {"window": 3, "num_sink": 2, "learned_sink": True},
     "moba": {"block_size": 4, "top_k": 3},
+    "nsa": {"block_size": 4, "top_k": 3, "window": 3},
     "mixture": {"variants": "sliding_sink,strided",
                 "member_hparams": "sliding_sink.window=3,sliding_sink.learned_sink=true,"
                                   "strided.stride=4"},
@@ -57,6 +58,7 @@ RECURRENT_CASES: dict[str, dict] = {
     "gla": {"chunk_size": 8, "gate_rank": 4},
     "deltanet": {"chunk_size": 8},
     "gated_deltanet": {"chunk_size": 8},
+    "diff": {"lambda_init": 0.5},
 }
 
 CASES = {**CORE_CASES, **FIXED_PATTERN_CASES, **LEARNED_CASES, **SPARSE_2024_CASES,

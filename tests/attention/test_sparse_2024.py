@@ -218,3 +218,66 @@ def test_mixture_errors():
         mix(q, q, q, member_hparams="window=3")
     with pytest.raises(ValueError, match="window"):
         mix(q, q, q, variants="local,strided,dense", member_hparams="local.window=-1")
+
+
+# ------------------------------------------------------------------------------------- nsa
+
+
+def _nsa_compressed_ref(q, k, v, kv_mask, c, causal):
+    """float64: one token per block (mean of its real keys / values), causal: complete
+    blocks only."""
+    b, n, h, d = q.shape
+    nb = -(-n // c)
+    out = np.zeros((b, n, h, v.shape[-1]))
+    for bb in range(b):
+        toks = []
+        for blk in range(nb):
+            sl = slice(blk * c, min(n, (blk + 1) * c))
+            r = kv_mask[bb, sl]
+            if r.any():
+                toks.append((blk, k[bb, sl][r].astype(np.float64).mean(0),
+                             v[bb, sl][r].astype(np.float64).mean(0)))
+        for i in range(n):
+            vis = [t for t in toks if not causal or (t[0] + 1) * c - 1 <= i]
+            if not vis:
+                continue
+            kc = np.stack([t[1] for t in vis])  # [T, H, D]
+            vc = np.stack([t[2] for t in vis])
+            s = np.einsum("hd,thd->ht", q[bb, i].astype(np.float64), kc) / np.sqrt(d)
+            w = np.exp(s - s.max(-1, keepdims=True))
+            w /= w.sum(-1, keepdims=True)
+            out[bb, i] = np.einsum("ht,thd->hd", w, vc)
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_nsa_branches_and_gates_match_float64_references(causal):
+    from attention import nsa
+
+    b, n, h, d, c, top_k, window = 2, 35, 2, 8, 4, 3, 3
+    q, k, v, kv_mask = _inputs(4, b, n, h, d, kv_lens=(n, 21))
+    kv_mask[1, 4:8] = False  # a block with no real key
+    hp = dict(block_size=c, top_k=top_k, window=window)
+    st = attention.get("nsa").init_state(jax.random.key(1), q_len=n, kv_len=n, num_heads=h,
+                                         head_dim=d, **hp)["params"]
+    st["gate_b"] = jnp.array([[1.0, -1.0, 0.0], [0.0, 2.0, -2.0]])
+    mask = jnp.asarray(kv_mask)
+    run = jax.jit(lambda q, k, v, st: (
+        nsa.branches(q, k, v, kv_mask=mask, causal=causal, **hp),
+        attention.get("nsa")(q, k, v, kv_mask=mask, causal=causal, **hp, **st)),
+        compiler_options=FAST_COMPILE)
+    (cmp, slc, win), out = run(q, k, v, st)
+    refs = [_nsa_compressed_ref(q, k, v, kv_mask, c, causal),
+            _dense_ref(q, k, v, _moba_keep(q, k, kv_mask, c, top_k, causal)),
+            _dense_ref(q, k, v, _pair_mask(n, kv_mask, causal,
+                                           lambda i, j: np.abs(i - j) <= window, b, h))]
+    for got, ref, what in zip((cmp, slc, win), refs, nsa.BRANCHES):
+        np.testing.assert_allclose(np.asarray(got), ref, atol=TOL, rtol=TOL, err_msg=what)
+    for x, y in ((0, 1), (0, 2), (1, 2)):  # three different branches
+        assert np.abs(refs[x] - refs[y]).max() > 1e-2
+    w, bias = (np.asarray(st[x], np.float64) for x in ("gate_w", "gate_b"))
+    g = 1 / (1 + np.exp(-(np.einsum("bthd,hdg->bthg", q.astype(np.float64), w) + bias)))
+    ref = sum(g[..., i, None] * r for i, r in enumerate(refs))
+    np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=TOL)
+    if causal:  # the first block has no complete block before it: compressed branch is empty
+        np.testing.assert_array_equal(np.asarray(cmp)[:, :c - 1], 0.0)
