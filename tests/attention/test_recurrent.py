@@ -78,10 +78,10 @@ def assert_same(a, b, tol=1e-9):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
 
 
-def state(name, **hp):
+def state(name, d=D, dtype=jnp.float64, **hp):
     st = attention.get(name).init_state(jax.random.key(3), q_len=T, kv_len=T, num_heads=H,
-                                        head_dim=D, **hp)
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), st["params"])
+                                        head_dim=d, **hp)
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), st["params"])
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -204,3 +204,54 @@ def test_gated_deltanet_with_every_decay_one_is_deltanet():
         np.testing.assert_allclose(gated, plain, atol=1e-12, rtol=1e-12)
         decayed = run("gated_deltanet", params)
         assert np.abs(np.asarray(decayed) - np.asarray(plain)).max() > 1e-3
+
+
+def diff_numpy(q, k, v, mask, causal, lam, lambda_init, head_norm):
+    """Differential attention in numpy float64."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    h = q.shape[-1] // 2
+    keep = mask[:, None, None, :] & (np.tril(np.ones((q.shape[1],) * 2, bool)) if causal
+                                     else True)
+
+    def softmax_map(qh, kh):
+        s = np.einsum("bqhd,bkhd->bhqk", qh, kh) / np.sqrt(h)
+        s = np.where(keep, s, -np.inf)
+        mx = np.max(s, -1, keepdims=True)
+        e = np.where(keep, np.exp(s - np.where(np.isfinite(mx), mx, 0)), 0.0)
+        den = e.sum(-1, keepdims=True)
+        return e / np.where(den == 0, 1, den)
+    out = np.einsum("bhqk,bkhd->bqhd", softmax_map(q[..., :h], k[..., :h])
+                    - lam * softmax_map(q[..., h:], k[..., h:]), v)
+    if head_norm:
+        out = out / np.sqrt(np.mean(out ** 2, -1, keepdims=True) + 1e-5) * (1 - lambda_init)
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_diff_equals_float64_reference(causal):
+    q, k, v, _, mask = inputs(6, d=8, dtype=np.float32)
+    mask[0, 0] = False                       # causal: query 0 of row 0 sees no key
+    params = state("diff", d=8, dtype=jnp.float32, lambda_init=0.5)
+    lam = float(np.exp(np.dot(params["lambda_q1"], params["lambda_k1"]))
+                - np.exp(np.dot(params["lambda_q2"], params["lambda_k2"])) + 0.5)
+    out = jax.jit(lambda q, k, v: attention.get("diff")(
+        q, k, v, kv_mask=mask, causal=causal, lambda_init=0.5, **params))(q, k, v)
+    ref = diff_numpy(q, k, v, mask, causal, lam, 0.5, True)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+    if causal:
+        np.testing.assert_array_equal(np.asarray(out)[0, 0], 0.0)
+
+
+def test_diff_with_lambda_zero_is_dense_on_the_first_map():
+    """lambda_init = 0 and lq = lk = 0: lambda = e^0 - e^0 + 0 = 0 exactly; with head_norm off
+    the output is dense attention on (q1, k1, v) (head dim D/2, so the same 1/sqrt(D/2))."""
+    q, k, v, _, mask = inputs(7, d=8, dtype=np.float32)
+    zeros = {n: jnp.zeros((4,)) for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}
+    @jax.jit
+    def both(q, k, v):
+        return [(attention.get("diff")(q, k, v, kv_mask=mask, causal=causal, lambda_init=0.0,
+                                       head_norm=False, **zeros),
+                 attention.get("dense")(q[..., :4], k[..., :4], v, kv_mask=mask, causal=causal))
+                for causal in (True, False)]
+    for out, dense in both(q, k, v):
+        np.testing.assert_allclose(out, dense, atol=1e-6, rtol=1e-6)
