@@ -131,10 +131,20 @@ def init_state(key, *, q_len, kv_len, num_heads, head_dim, chunk_size, gate_rank
 def gla_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size, gate_rank,
                   gate_temperature, output_norm, gate_down=None, gate_up=None, gate_bias=None):
     """q, k, v: [B, T, H, D]; kv_mask: bool [B, T]. -> [B, T, H, Dv]."""
-    check_lengths(NAME, q, k, v, kv_mask)
+    return gated_attention(NAME, q, k, v, kv_mask, causal, gate_rank=gate_rank,
+                           gate_temperature=gate_temperature, output_norm=output_norm,
+                           gate_down=gate_down, gate_up=gate_up, gate_bias=gate_bias,
+                           run=lambda *xs: gla_chunkwise(*xs, chunk_size))
+
+
+def gated_attention(name, q, k, v, kv_mask, causal, *, gate_rank, gate_temperature,
+                    output_norm, gate_down, gate_up, gate_bias, run):
+    """Checks, gates, masking, both directions and the output norm around run(q, k, v, g), a
+    causal GLA on heads-first [B, H, T, .] arrays (the XLA chunkwise form or a kernel)."""
+    check_lengths(name, q, k, v, kv_mask)
     d = q.shape[-1]
     if gate_down is None or tuple(gate_down.shape[1:]) != (d, gate_rank):
-        raise ValueError(f"{NAME}: params gate_down [H, {d}, {gate_rank}], gate_up, gate_bias "
+        raise ValueError(f"{name}: params gate_down [H, {d}, {gate_rank}], gate_up, gate_bias "
                          f"required (from init_state)")
     out_dtype, dt = v.dtype, compute_dtype(q, k, v)
     q, k, v = (x.astype(dt) for x in (q, k, v))
@@ -143,7 +153,6 @@ def gla_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size, gate_rank,
     g = jnp.where(m4, log_gates(k, gate_down, gate_up, gate_bias, gate_temperature), 0.0)
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))      # [B, H, T, D]
     kt, vt = jnp.where(m4, kt, 0.0), jnp.where(m4, vt, 0.0)
-    run = lambda *xs: gla_chunkwise(*xs, chunk_size)  # noqa: E731
     out = bidirectional(run, causal, qt * d ** -0.5, kt, vt, g)
     if output_norm:
         out = rms_norm(out)

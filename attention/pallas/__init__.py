@@ -5,6 +5,8 @@ variant (attention.register_pallas), with the variant's own signature plus kerne
   block_sparse  one block-sparse flash attention for dense, local, strided, sparse,
                 sparse_fixed, longformer, bigbird (block lists from block_mask)
   linear        chunked linear attention for linear and performer
+  gla           chunked gated linear attention (per-channel decay) for gla
+  diff          differential attention as two dense flash calls
 """
 
-from attention.pallas import block_mask, block_sparse, linear  # noqa: F401  (registration)
+from attention.pallas import block_mask, block_sparse, diff, gla, linear  # noqa: F401

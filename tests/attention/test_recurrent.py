@@ -255,3 +255,51 @@ def test_diff_with_lambda_zero_is_dense_on_the_first_map():
                 for causal in (True, False)]
     for out, dense in both(q, k, v):
         np.testing.assert_allclose(out, dense, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ Pallas
+
+
+@pytest.mark.filterwarnings("ignore:.*interpret mode:UserWarning")
+def test_pallas_gla_and_diff_equal_xla_in_interpret_mode():
+    """gla's chunked kernel (per-channel decay; block_t 8 on a length of 19 with padding) and
+    diff through two flash calls, against the XLA variants: outputs and dQ/dK/dV (gla), outputs
+    (diff)."""
+    q, k, v, ct, mask = inputs(8, d=8, dtype=np.float32)
+    gla_params = state("gla", d=8, dtype=jnp.float32)
+    gla_params["gate_bias"] = gla_params["gate_bias"] - 3.0
+    diff_params = state("diff", d=8, dtype=jnp.float32)
+
+    def run(q, k, v, impl):
+        def loss(q, k, v):
+            out = attention.get("gla")(q, k, v, impl=impl, kv_mask=mask, causal=True,
+                                       chunk_size=4, **gla_params,
+                                       **({"block_t": 8} if impl == "pallas" else {}))
+            return jnp.sum(out * ct), out
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        diff = attention.get("diff")(q, k, v, impl=impl, kv_mask=mask, causal=False,
+                                     **diff_params)
+        return out, grads, diff
+
+    got = jax.jit(run, static_argnums=3, compiler_options=FAST_COMPILE)(q, k, v, "pallas")
+    want = jax.jit(run, static_argnums=3, compiler_options=FAST_COMPILE)(q, k, v, "xla")
+    assert_same(got, want, tol=2e-5)
+
+
+def test_pallas_gla_and_diff_lower_through_triton():
+    """Forward and backward lower for a GPU from this CPU: gla's two forward kernels (states,
+    output; its backward is the XLA form), diff's two flash calls (forward, dQ, dK/dV each)."""
+    b, t, h, d = 1, 100, 2, 32
+    x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((b, t), jnp.bool_)
+    for name, calls in (("gla", 2), ("diff", 6)):
+        params = attention.get(name).init_state(jax.random.key(1), q_len=t, kv_len=t,
+                                                num_heads=h, head_dim=d)["params"]
+
+        def f(q, k, v, m):
+            out, vjp = jax.vjp(lambda q, k, v: attention.get(name)(
+                q, k, v, impl="pallas", kv_mask=m, causal=True, interpret=False, **params),
+                q, k, v)
+            return out, vjp(out)
+        text = jax.jit(f).trace(x, x, x, mask).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == calls, name
