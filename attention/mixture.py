@@ -104,7 +104,10 @@ def init_mixture(key, *, q_len, kv_len, num_heads, head_dim, variants, member_hp
     return state
 
 
-def _run(impl: str, q, k, v, *, kv_mask, causal, variants, member_hparams, state):
+def _run(impl: str, q, k, v, *, kv_mask, causal, variants, member_hparams, state,
+         kernel=None):
+    """The members on their head groups with implementation `impl`; kernel: extra keywords
+    for the members' Pallas functions (tiles, interpret)."""
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
     mem = members(variants, member_hparams)
@@ -113,14 +116,14 @@ def _run(impl: str, q, k, v, *, kv_mask, causal, variants, member_hparams, state
     unknown = [n for n in state if not n.startswith(prefixes)]
     if unknown:
         raise ValueError(f"{NAME}: unexpected arguments {sorted(unknown)}")
+    fns = [attention.implementation(name, impl) for name, _ in mem]  # every kernel exists
     outs = []
-    for index, (name, hp) in enumerate(mem):
+    for index, ((name, hp), fn) in enumerate(zip(mem, fns)):
         p = prefix(index, name)
         arrays = {n[len(p):]: a for n, a in state.items() if n.startswith(p)}
         heads = slice(index * g, (index + 1) * g)
-        fn = attention.implementation(name, impl)
         outs.append(fn(q[:, :, heads], k[:, :, heads], v[:, :, heads], kv_mask=kv_mask,
-                       causal=causal, **hp, **arrays))
+                       causal=causal, **hp, **arrays, **(kernel or {})))
     return jnp.concatenate(outs, axis=2).astype(v.dtype)
 
 

@@ -64,30 +64,34 @@ def _pair_mask(n, kv_mask, causal, keep_ij, b, h):
 # ---------------------------------------------------------------------------- sliding_sink
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("learned", [False, True])
-def test_sliding_sink_matches_float64_reference(causal, learned):
+def test_sliding_sink_matches_float64_reference():
+    """Causal and not, with and without the learned sink, with padding (a padded sink)."""
     b, n, h, d = 2, 37, 3, 8
     window, num_sink = 5, 3
     q, k, v, kv_mask = _inputs(1, b, n, h, d, kv_lens=(n, 22))
     kv_mask[1, 1] = False  # a padded sink position
-    hp = dict(window=window, num_sink=num_sink, learned_sink=learned)
-    sink = np.array([0.7, -1.5, 3.0], np.float32) if learned else None
-    extra = {"sink": jnp.asarray(sink)} if learned else {}
-    out = attention.get("sliding_sink")(q, k, v, kv_mask=jnp.asarray(kv_mask), causal=causal,
-                                        **hp, **extra)
-    keep = _pair_mask(n, kv_mask, causal,
-                      lambda i, j: (np.abs(i - j) <= window) | (j < num_sink), b, h)
+    sink = np.array([0.7, -1.5, 3.0], np.float32)
+    cases = [(causal, learned) for causal in (False, True) for learned in (False, True)]
+    variant = attention.get("sliding_sink")
+    outs = jax.jit(lambda q, k, v, m, s: [
+        variant(q, k, v, kv_mask=m, causal=causal, window=window, num_sink=num_sink,
+                learned_sink=learned, **({"sink": s} if learned else {}))
+        for causal, learned in cases], compiler_options=FAST_COMPILE)(
+        q, k, v, jnp.asarray(kv_mask), jnp.asarray(sink))
     qd, kd, vd = (x.astype(np.float64) for x in (q, k, v))
     logits = np.einsum("bqhd,bkhd->bhqk", qd, kd) / np.sqrt(d)
-    w = _softmax_rows(logits, keep, None if sink is None
-                      else sink.astype(np.float64)[None, :, None])
-    ref = np.einsum("bhqk,bkhd->bqhd", w, vd)
-    np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=TOL)
-    if learned:  # the sink really takes weight: rows sum below 1
-        assert w.sum(-1)[0].max() < 1 - 1e-3
-    # the pattern is not degenerate: sinks outside the window are used
-    assert keep[0, 0, n - 1, 0] and not keep[0, 0, n - 1, num_sink]
+    for (causal, learned), out in zip(cases, outs):
+        keep = _pair_mask(n, kv_mask, causal,
+                          lambda i, j: (np.abs(i - j) <= window) | (j < num_sink), b, h)
+        w = _softmax_rows(logits, keep,
+                          sink.astype(np.float64)[None, :, None] if learned else None)
+        ref = np.einsum("bhqk,bkhd->bqhd", w, vd)
+        np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=TOL,
+                                   err_msg=f"causal={causal} learned={learned}")
+        if learned:  # the sink really takes weight: rows sum below 1
+            assert w.sum(-1)[0].max() < 1 - 1e-3
+        # the pattern is not degenerate: sinks outside the window are used
+        assert keep[0, 0, n - 1, 0] and not keep[0, 0, n - 1, num_sink]
 
 
 def test_sliding_sink_state_and_errors():
@@ -281,3 +285,87 @@ def test_nsa_branches_and_gates_match_float64_references(causal):
     np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=TOL)
     if causal:  # the first block has no complete block before it: compressed branch is empty
         np.testing.assert_array_equal(np.asarray(cmp)[:, :c - 1], 0.0)
+
+
+# ---------------------------------------------------------------------------------- pallas
+
+
+@pytest.mark.filterwarnings("ignore:.*interpret mode:UserWarning")
+def test_sliding_sink_pallas_matches_xla():
+    """Causal with the learned sink: outputs and gradients (q, k, v, sink); not causal without
+    it: outputs. Lengths not multiples of the tiles, one padded example."""
+    b, n, h, d = 2, 45, 2, 16
+    q, k, v, kv_mask = _inputs(5, b, n, h, d, kv_lens=(n, 29))
+    ct = _inputs(6, b, n, h, d)[0]
+    mask = jnp.asarray(kv_mask)
+    kernel = {"block_q": 16, "block_k": 8, "interpret": True}
+    hp = dict(window=5, num_sink=3)
+    variant = attention.get("sliding_sink")
+
+    def run(q, k, v, ct, sink):
+        res = []
+        for impl, extra in (("pallas", kernel), ("xla", {})):
+            fn = lambda q, k, v, s: variant(q, k, v, impl=impl, kv_mask=mask,  # noqa: E731
+                                            causal=True, learned_sink=True, sink=s, **hp,
+                                            **extra)
+            out, vjp = jax.vjp(fn, q, k, v, sink)
+            plain = variant(q, k, v, impl=impl, kv_mask=mask, causal=False,
+                            learned_sink=False, **hp, **extra)
+            res.append((out, vjp(ct), plain))
+        return res
+
+    (out, grads, plain), (out_x, grads_x, plain_x) = jax.jit(
+        run, compiler_options=FAST_COMPILE)(q, k, v, ct, jnp.array([0.5, 2.0]))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_x), atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(plain_x), atol=TOL, rtol=TOL)
+    for g, gx, what in zip(grads, grads_x, ("q", "k", "v", "sink")):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(gx), atol=5e-5, rtol=5e-5,
+                                   err_msg=f"d{what}")
+    assert float(jnp.abs(grads_x[3]).max()) > 1e-3
+    # the layout skips tiles: key tile 3 (24..31) is neither sink nor window for query tile 0
+    from attention.pallas import block_mask, selected
+    for causal in (False, True):
+        rule = selected.SinkRule.make(causal, window=5, num_sink=3)
+        listed, _ = block_mask.block_states(rule, n, n, 16, 8)
+        assert not listed[0, 3] and listed[2, 0]
+
+
+@pytest.mark.filterwarnings("ignore:.*interpret mode:UserWarning")
+def test_mixture_pallas_is_the_members_kernels():
+    b, n, h, d = 2, 24, 2, 16
+    q, k, v, kv_mask = _inputs(7, b, n, h, d, kv_lens=(n, 15))
+    hp = {"variants": "local,sliding_sink",
+          "member_hparams": "local.window=4,sliding_sink.window=2,sliding_sink.num_sink=2"}
+    mix = attention.get("mixture")
+    mask = jnp.asarray(kv_mask)
+    run = jax.jit(lambda q, k, v: [mix(q, k, v, kv_mask=mask, causal=True, impl=impl, **hp,
+                                       **kw)
+                                   for impl, kw in (("pallas", {"block_q": 16, "block_k": 16,
+                                                                "interpret": True}),
+                                                    ("xla", {}))],
+                  compiler_options=FAST_COMPILE)
+    out, out_x = run(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_x), atol=TOL, rtol=TOL)
+    with pytest.raises(ValueError, match="no Pallas kernel"):
+        mix(q, k, v, impl="pallas", variants="local,moba", interpret=True)
+
+
+def test_pallas_paths_lower_through_triton():
+    """Forward and backward of sliding_sink (learned sink) lower for a GPU (mixture runs the
+    members' kernels; the mixture test above runs them)."""
+    spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
+    b, t, h, d = 2, 200, 2, 64
+    mask = jax.ShapeDtypeStruct((b, t), jnp.bool_)
+
+    def count(impl_fn, **arrays):
+        def f(q, k, v, kv_mask):
+            out, vjp = jax.vjp(lambda q, k, v: impl_fn(q, k, v, kv_mask), q, k, v)
+            return out, vjp(out)
+        lowered = jax.jit(f).trace(spec(b, t, h, d), spec(b, t, h, d), spec(b, t, h, d),
+                                   mask).lower(lowering_platforms=("cuda",))
+        return lowered.as_text().count("xla.gpu.triton")
+
+    sink = jnp.zeros((h,), jnp.float32)
+    assert count(lambda q, k, v, m: attention.get("sliding_sink")(
+        q, k, v, impl="pallas", kv_mask=m, causal=True, window=20, num_sink=4,
+        learned_sink=True, sink=sink, interpret=False)) == 3
