@@ -54,6 +54,19 @@ LEARNED_HPARAMS: dict[str, dict[str, dict]] = {
     "inducing": {"*": {"num_inducing": 32}, "pathx": {"num_inducing": 64}},
 }
 
+# Gated linear recurrences and differential attention (attention part 3b): the papers' settings,
+# the same on every task. GLA: low-rank gate of rank 16, temperature 16, per-head output norm;
+# its XLA chunk stays 16 (the intra-chunk pair term holds chunk x chunk x head_dim per chunk).
+# DeltaNet / Gated DeltaNet: chunks of 64 (the WY solve is chunk x chunk). diff: lambda_init
+# 0.8 (the paper's deep-layer value; the contract has no layer index) with the per-head norm.
+RECURRENT_HPARAMS: dict[str, dict[str, dict]] = {
+    "gla": {"*": {"chunk_size": 16, "gate_rank": 16, "gate_temperature": 16.0,
+                  "output_norm": True}},
+    "deltanet": {"*": {"chunk_size": 64, "output_norm": True}},
+    "gated_deltanet": {"*": {"chunk_size": 64, "output_norm": True}},
+    "diff": {"*": {"lambda_init": 0.8, "head_norm": True}},
+}
+
 # For tiny configs: hyperparameter -> value used when max_len is small (<= 128).
 TINY_HPARAMS: dict[str, object] = {
     # attention part 2 (chunk_size is shared with blockwise, which is exact at any chunk)
@@ -66,7 +79,7 @@ TINY_HPARAMS: dict[str, object] = {
 
 
 def for_task(variant: str, task: str) -> dict:
-    table = {**FIXED_PATTERN_HPARAMS, **LEARNED_HPARAMS}.get(variant, {})
+    table = {**FIXED_PATTERN_HPARAMS, **LEARNED_HPARAMS, **RECURRENT_HPARAMS}.get(variant, {})
     return {**table.get("*", {}), **table.get(task, {})}
 
 
