@@ -67,6 +67,22 @@ RECURRENT_HPARAMS: dict[str, dict[str, dict]] = {
     "diff": {"*": {"lambda_init": 0.8, "head_norm": True}},
 }
 
+# Sparse attention of 2024-2026 and per-head mixtures (attention part 3a). Registry defaults
+# suit the 1K-4K tasks (sliding_sink: window 50 like local + 4 sinks as StreamingLLM; moba:
+# blocks of 64, top 3; nsa: blocks of 32, top 4, window 64). Longer inputs get the papers'
+# proportions: MoBA's larger blocks (its 512 x top-3 at 8K-32K, scaled to 16K: 256), NSA's
+# selection of 16 blocks of 64 and window 512 at Path-X. mixture (local,strided): on the image
+# grids the strided member is the pixel's column (stride = row width), as for `sparse`.
+SPARSE_2024_HPARAMS: dict[str, dict[str, dict]] = {
+    "sliding_sink": {"pathx": {"window": 128}},
+    "moba": {"text": {"block_size": 128}, "retrieval": {"block_size": 128},
+             "pathx": {"block_size": 256}},
+    "nsa": {"pathx": {"block_size": 64, "top_k": 16, "window": 512}},
+    "mixture": {"image": {"member_hparams": "local.window=32,strided.stride=32"},
+                "pathfinder": {"member_hparams": "local.window=32,strided.stride=32"},
+                "pathx": {"member_hparams": "local.window=128,strided.stride=128"}},
+}
+
 # For tiny configs: hyperparameter -> value used when max_len is small (<= 128).
 TINY_HPARAMS: dict[str, object] = {
     # attention part 2 (chunk_size is shared with blockwise, which is exact at any chunk)
@@ -79,7 +95,8 @@ TINY_HPARAMS: dict[str, object] = {
 
 
 def for_task(variant: str, task: str) -> dict:
-    table = {**FIXED_PATTERN_HPARAMS, **LEARNED_HPARAMS, **RECURRENT_HPARAMS}.get(variant, {})
+    table = {**FIXED_PATTERN_HPARAMS, **LEARNED_HPARAMS, **RECURRENT_HPARAMS,
+             **SPARSE_2024_HPARAMS}.get(variant, {})
     return {**table.get("*", {}), **table.get(task, {})}
 
 
