@@ -55,6 +55,11 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c.model.pos_embedding = "sinusoidal"   # "sinusoidal" | "learned" | "sinusoidal2d" (grids)
     c.model.interaction = "nli"      # pair tasks: [u, v, u*v, u-v] -> MLP ("concat": [u, v])
     c.model.dtype = "float32"        # activations: "float32" | "bfloat16"
+    # Memory savings (models/encoder.py): jax.checkpoint per block; Reformer's reversible
+    # residual layers (no activations stored per layer); feed-forward in chunks of the length.
+    c.model.remat = False
+    c.model.reversible = False
+    c.model.ffn_chunks = 1           # 1 = whole length at once
 
     c.attention = attention_config(variant, task)
 

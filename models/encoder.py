@@ -12,12 +12,15 @@ is shared with the classifiers, so a pretrained encoder loads into a classifier 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+import attention
 
 from attention.context_parallel import shard_sequence
 from models.attention import MultiHeadAttention, layer_hparams
@@ -55,8 +58,16 @@ POS_EMBEDDINGS = ("sinusoidal", "sinusoidal2d", "learned")
 
 
 class EncoderBlock(nnx.Module):
+    """Pre-LayerNorm block x -> x + F(x) -> (.) + G(.): F the attention branch
+    drop(Attn(LN(x))), G the feed-forward branch drop(W2 drop(gelu(W1 LN(x)))).
+
+    ffn_chunks > 1: G over the length in that many chunks (Reformer's chunked feed-forward),
+    each chunk under jax.checkpoint, so the [B, T, mlp_dim] hidden never exists whole, in the
+    forward or the backward pass. Equal to the unchunked branch without dropout; with dropout
+    the hidden's mask is drawn per chunk (other draws, same distribution)."""
+
     def __init__(self, *, emb_dim, mlp_dim, dropout_rate, attention_dropout_rate, dtype, rngs,
-                 **attention_kwargs):
+                 ffn_chunks: int = 1, **attention_kwargs):
         self.norm1 = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
         self.attention = MultiHeadAttention(emb_dim=emb_dim, dtype=dtype, rngs=rngs,
                                             dropout_rate=attention_dropout_rate,
@@ -65,12 +76,129 @@ class EncoderBlock(nnx.Module):
         self.mlp_in = nnx.Linear(emb_dim, mlp_dim, dtype=dtype, rngs=rngs)
         self.mlp_out = nnx.Linear(mlp_dim, emb_dim, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout_rate)
+        if not (isinstance(ffn_chunks, int) and ffn_chunks >= 1):
+            raise ValueError(f"model.ffn_chunks must be an integer >= 1; got {ffn_chunks!r}")
+        self.ffn_chunks = ffn_chunks
+
+    def _drop(self, y, train, rngs):
+        return self.dropout(y, deterministic=not train, rngs=rngs)
+
+    def attention_branch(self, x, mask, *, train, rngs):
+        """F(x) = drop(Attn(LN1(x)))."""
+        return self._drop(self.attention(self.norm1(x), mask, train=train, rngs=rngs),
+                          train, rngs)
+
+    def ffn_branch(self, x, *, train, rngs):
+        """G(x) = drop(W2 drop(gelu(W1 LN2(x)))), whole or in ffn_chunks chunks of the length."""
+        h = self.norm2(x)
+        if self.ffn_chunks > 1:
+            y = self._chunked_mlp(h, train=train, rngs=rngs)
+        else:
+            y = self.mlp_out(self._drop(jax.nn.gelu(self.mlp_in(h)), train, rngs))
+        return self._drop(y, train, rngs)
+
+    def _chunked_mlp(self, h, *, train, rngs):
+        b, t, e = h.shape
+        n = min(self.ffn_chunks, t)
+        size = -(-t // n)
+        hp = jnp.pad(h, ((0, 0), (0, n * size - t), (0, 0)))
+        chunks = hp.reshape(b, n, size, e).swapaxes(0, 1)            # [n, B, size, E]
+        rate = float(self.dropout.rate)
+        key = rngs.dropout() if (train and rate > 0 and rngs is not None) else None
+
+        def one(args):
+            i, xc = args
+            y = jax.nn.gelu(self.mlp_in(xc))                        # [B, size, mlp]
+            if key is not None:
+                keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate, y.shape)
+                y = jnp.where(keep, y / (1.0 - rate), 0).astype(y.dtype)
+            return self.mlp_out(y)
+
+        out = jax.lax.map(jax.checkpoint(one), (jnp.arange(n), chunks))  # [n, B, size, E]
+        return out.swapaxes(0, 1).reshape(b, n * size, -1)[:, :t]
 
     def __call__(self, x, mask, *, train, rngs):
-        drop = lambda y: self.dropout(y, deterministic=not train, rngs=rngs)  # noqa: E731
-        x = x + drop(self.attention(self.norm1(x), mask, train=train, rngs=rngs))
-        y = self.mlp_out(drop(jax.nn.gelu(self.mlp_in(self.norm2(x)))))
-        return x + drop(y)
+        x = x + self.attention_branch(x, mask, train=train, rngs=rngs)
+        return x + self.ffn_branch(x, train=train, rngs=rngs)
+
+
+def _split_block(block):
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+def _branch(graphdef, params, rest, x, mask, key, *, which: str, train: bool):
+    """F or G of one block as a pure function of its parameters (dropout from `key`)."""
+    block = nnx.merge(graphdef, params, rest)
+    rngs = None if key is None else nnx.Rngs(dropout=key)
+    if which == "f":
+        return block.attention_branch(x, mask, train=train, rngs=rngs)
+    return block.ffn_branch(x, train=train, rngs=rngs)
+
+
+def _rev_forward(graphdefs, train, params, rest, x1, x2, mask, keys):
+    for i, g in enumerate(graphdefs):
+        kf, kg = (None, None) if keys is None else (keys[i, 0], keys[i, 1])
+        x1 = x1 + _branch(g, params[i], rest[i], x2, mask, kf, which="f", train=train)
+        x2 = x2 + _branch(g, params[i], rest[i], x1, mask, kg, which="g", train=train)
+    return x1, x2
+
+
+def _rev_with_vjp(graphdefs, train):
+    """The reversible stack with a backward pass that keeps no activation per layer: it
+    rebuilds each layer's inputs from its outputs (x2 = y2 - G(y1), x1 = y1 - F(x2)) while it
+    walks the layers in reverse, and takes the layer's VJP at the rebuilt inputs."""
+
+    @jax.custom_vjp
+    def rev(params, rest, x1, x2, mask, keys):
+        return _rev_forward(graphdefs, train, params, rest, x1, x2, mask, keys)
+
+    def fwd(params, rest, x1, x2, mask, keys):
+        y1, y2 = _rev_forward(graphdefs, train, params, rest, x1, x2, mask, keys)
+        return (y1, y2), (params, rest, y1, y2, mask, keys)
+
+    def bwd(res, cts):
+        params, rest, y1, y2, mask, keys = res
+        dy1, dy2 = cts
+        grads = [None] * len(graphdefs)
+        for i in reversed(range(len(graphdefs))):
+            g = graphdefs[i]
+            kf, kg = (None, None) if keys is None else (keys[i, 0], keys[i, 1])
+            gy, g_vjp = jax.vjp(
+                lambda p, y: _branch(g, p, rest[i], y, mask, kg, which="g", train=train),
+                params[i], y1)
+            x2 = y2 - gy
+            dp_g, dy1_g = g_vjp(dy2)
+            dy1 = dy1 + dy1_g
+            fx, f_vjp = jax.vjp(
+                lambda p, y: _branch(g, p, rest[i], y, mask, kf, which="f", train=train),
+                params[i], x2)
+            x1 = y1 - fx
+            dp_f, dx2_f = f_vjp(dy1)
+            dy2 = dy2 + dx2_f
+            grads[i] = jax.tree.map(jnp.add, dp_f, dp_g)
+            y1, y2 = x1, x2
+        return grads, None, dy1, dy2, None, None
+
+    rev.defvjp(fwd, bwd)
+    return rev
+
+
+def reversible_stack(blocks, x, mask, *, train: bool, rngs, custom_vjp: bool = True):
+    """RevNet / Reformer reversible residual layers over two copies of the stream:
+    x1 = x2 = x; per block y1 = x1 + F(x2), y2 = x2 + G(y1); output (y1 + y2) / 2.
+    custom_vjp=False: the same function differentiated by plain autodiff (the reference)."""
+    split = [_split_block(b) for b in blocks]
+    graphdefs = tuple(s[0] for s in split)
+    params = [s[1] for s in split]
+    rest = [s[2] for s in split]
+    keys = None
+    if train and rngs is not None:
+        keys = jax.random.split(rngs.dropout(), (len(blocks), 2))
+    fn = (_rev_with_vjp(graphdefs, bool(train)) if custom_vjp
+          else functools.partial(_rev_forward, graphdefs, bool(train)))
+    y1, y2 = fn(params, rest, x, x, mask, keys)
+    return (y1 + y2) / 2
 
 
 class Encoder(nnx.Module):
@@ -114,6 +242,7 @@ class Encoder(nnx.Module):
             EncoderBlock(
                 emb_dim=emb, mlp_dim=m["mlp_dim"], dropout_rate=m["dropout_rate"],
                 dtype=self.dtype, rngs=rngs, qkv_dim=m["qkv_dim"], num_heads=m["num_heads"],
+                ffn_chunks=int(m.get("ffn_chunks", 1)),
                 attention_name=name, impl=attention_cfg.get("impl", "xla"),
                 hparams=layer_hparams(name, overrides, layer_index=i, grid_shape=grid_shape,
                                       num_prefix=prefix),
@@ -121,6 +250,17 @@ class Encoder(nnx.Module):
                 causal=causal)
             for i in range(m["num_layers"])])
         self.norm = nnx.LayerNorm(emb, dtype=self.dtype, rngs=rngs)
+        self.remat = bool(m.get("remat", False))
+        self.reversible = bool(m.get("reversible", False))
+        if self.remat and self.reversible:
+            raise ValueError("model.remat and model.reversible together: reversible layers "
+                             "already recompute in the backward pass; set one of them")
+        if self.reversible and attention.get(name).update_buffers is not None:
+            raise ValueError(
+                f"model.reversible: attention variant {name!r} updates buffers in training "
+                f"(update_buffers), which a recomputed reversible layer cannot do; use "
+                f"model.remat instead")
+        self.custom_vjp = True   # reversible: False = plain autodiff of the same function (tests)
 
     def __call__(self, tokens, mask, *, train: bool = False, rngs: nnx.Rngs | None = None):
         x, mask = self.states(tokens, mask, train=train, rngs=rngs)
@@ -151,9 +291,22 @@ class Encoder(nnx.Module):
         x = (x + self.pos[...][: x.shape[1]]).astype(self.dtype)
         x = shard_sequence(x)  # length split over the mesh's "seq" axis (train.seq_shards)
         x = self.dropout(x, deterministic=not train, rngs=rngs)
-        for block in self.blocks:
-            x = block(x, mask, train=train, rngs=rngs)
+        if self.reversible:
+            x = reversible_stack(self.blocks, x, mask, train=train, rngs=rngs,
+                                 custom_vjp=self.custom_vjp)
+        elif self.remat:
+            for block in self.blocks:
+                x = _remat_block(block, x, mask, train, rngs)
+        else:
+            for block in self.blocks:
+                x = block(x, mask, train=train, rngs=rngs)
         return self.norm(x), mask
+
+
+@nnx.remat(static_argnums=(3,))
+def _remat_block(block, x, mask, train, rngs):
+    """One block under jax.checkpoint: only its input is kept for the backward pass."""
+    return block(x, mask, train=train, rngs=rngs)
 
 
 def _bad(field, value, valid):

@@ -68,6 +68,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.pos_embedding": choice("sinusoidal", "sinusoidal2d", "learned"),
     "model.interaction": choice("nli", "concat"),
     "model.dtype": choice("float32", "bfloat16"),
+    "model.remat": boolean,
+    "model.reversible": boolean,
+    "model.ffn_chunks": integer(1),
     "attention.impl": choice("xla", "pallas", "auto"),
     "data.max_len": integer(1),
     "data.batch_size": integer(1),
@@ -148,6 +151,9 @@ def _relations(config) -> list[str]:
             and m.qkv_dim % m.num_heads:
         out.append(f"model.qkv_dim={m.qkv_dim} must be divisible by model.num_heads="
                    f"{m.num_heads}")
+    if m.get("remat") is True and m.get("reversible") is True:
+        out.append("model.remat=True with model.reversible=True: reversible layers already "
+                    "recompute in the backward pass; set one of them")
     lo, hi = _get(config, "data.min_length"), _get(config, "data.max_length")
     if _is_int(lo) and _is_int(hi) and lo >= hi:
         out.append(f"data.min_length={lo} must be < data.max_length={hi}")

@@ -1,0 +1,152 @@
+"""Reformer's memory savings and rematerialisation (models/encoder.py): model.reversible,
+model.remat, model.ffn_chunks. The switches are plain attributes of the built model, so each
+test toggles them on one model (same parameters) instead of building another."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models.encoder as encoder
+from configs import listops as listops_config
+from models import build_model
+from training.validate import ConfigError, validate_config
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+T = 20
+
+
+def tiny(**model):
+    c = listops_config.get_config("dense,tiny")
+    c.model.dropout_rate = 0.0
+    c.model.attention_dropout_rate = 0.0
+    c.model.num_layers = 2
+    c.model.update(model)
+    return c
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(1, 16, (2, T)))
+    mask = jnp.asarray(np.arange(T)[None] < np.array([[T - 5], [T]]))
+    return tokens, mask
+
+
+def _grads(model, train=False):
+    tokens, mask = _inputs()
+
+    @nnx.jit
+    def grads(model, tokens, mask):
+        def loss(m):
+            rngs = nnx.Rngs(dropout=7) if train else None
+            return jnp.sum(jnp.sin(m(tokens, mask, train=train, rngs=rngs)))
+        return nnx.grad(loss)(model)
+    return grads(model, tokens, mask)
+
+
+def _max_diff(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb) and la
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(la, lb))
+
+
+def _max_abs(a):
+    return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(a))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(tiny(dropout_rate=0.2, attention_dropout_rate=0.1), num_classes=10,
+                       vocab_size=16, max_len=T)
+
+
+def _set(model, *, remat=False, reversible=False, chunks=1, custom_vjp=True):
+    enc = model.encoder
+    enc.remat, enc.reversible, enc.custom_vjp = remat, reversible, custom_vjp
+    for blk in enc.blocks:
+        blk.ffn_chunks = chunks
+
+
+def test_reversible_gradients_equal_autodiff_float64(monkeypatch):
+    """The custom VJP (inputs rebuilt from outputs, layer by layer) against plain autodiff of
+    the same reversible function in float64; with dropout the recomputed masks must match."""
+    monkeypatch.setitem(encoder.DTYPES, "float64", jnp.float64)
+    with jax.enable_x64(True):
+        c = tiny(reversible=True, dtype="float64", dropout_rate=0.2,
+                 attention_dropout_rate=0.1)
+        m = build_model(c, num_classes=10, vocab_size=16, max_len=T)
+        params = nnx.state(m, nnx.Param)
+        nnx.update(m, jax.tree.map(lambda p: p.astype(jnp.float64), params))
+        for train in (False, True):
+            m.encoder.custom_vjp = True
+            got = _grads(m, train)
+            m.encoder.custom_vjp = False
+            want = _grads(m, train)
+            scale, diff = _max_abs(want), _max_diff(got, want)
+            assert scale > 1e-3
+            # eval: the rebuilt inputs are exact to float64 rounding. train: the dense
+            # variant's attention dropout rounds through float32, and so does the rebuild
+            assert diff < (1e-10 if not train else 1e-6) * scale, (train, diff)
+
+
+def test_reversible_forward_is_the_two_stream_formula(model):
+    """y1 = x1 + F(x2), y2 = x2 + G(y1) from x1 = x2 = embedded input; states = LN((y1+y2)/2)."""
+    _set(model, reversible=True)
+    tokens, mask = _inputs()
+    enc = model.encoder
+    got, _ = enc.states(tokens, mask)
+    x = enc.embed(tokens)
+    x = jnp.concatenate([jnp.broadcast_to(enc.cls[...], (2, 1, x.shape[-1])), x], axis=1)
+    m = jnp.concatenate([jnp.ones((2, 1), bool), mask], axis=1)
+    x1 = x2 = x + enc.pos[...][: x.shape[1]]
+    for blk in enc.blocks:
+        x1 = x1 + blk.attention_branch(x2, m, train=False, rngs=None)
+        x2 = x2 + blk.ffn_branch(x1, train=False, rngs=None)
+    np.testing.assert_allclose(got, enc.norm((x1 + x2) / 2), atol=1e-5)
+    _set(model)
+    std, _ = enc.states(tokens, mask)
+    assert not np.allclose(std, got, atol=1e-3)    # not the standard residual stack
+
+
+def test_remat_gives_identical_gradients(model):
+    """In training with dropout: the remat'd blocks must draw the same keys."""
+    for train in (True,):
+        _set(model)
+        want = _grads(model, train)
+        _set(model, remat=True)
+        got = _grads(model, train)
+        assert _max_abs(want) > 1e-3
+        assert _max_diff(got, want) < 1e-6, train
+    _set(model)
+
+
+def test_chunked_ffn_equals_unchunked(model):
+    """4 chunks of a length of 21 (with CLS; padded to 24): outputs and gradients."""
+    tokens, mask = _inputs()
+    _set(model)
+    want, want_g = model(tokens, mask), _grads(model)
+    for chunks in (4,):
+        _set(model, chunks=chunks)
+        np.testing.assert_allclose(model(tokens, mask), want, atol=1e-5)
+        assert _max_diff(_grads(model), want_g) < 1e-5, chunks
+    # train mode: the chunked hidden is dropped (other keys, other outputs)
+    blk = model.encoder.blocks[0]
+    h = jax.random.normal(jax.random.key(0), (2, T, 32))
+    a, b = (blk._chunked_mlp(h, train=True, rngs=nnx.Rngs(dropout=s)) for s in (1, 2))
+    assert not np.allclose(a, b) and np.isfinite(a).all()
+    _set(model)
+
+
+def test_bad_combinations():
+    for fields, match in [({"remat": True, "reversible": True}, "reversible"),
+                          ({"ffn_chunks": 0}, "ffn_chunks")]:
+        with pytest.raises(ConfigError, match=match):
+            validate_config(tiny(**fields))
+    with pytest.raises(ValueError, match="remat and model.reversible"):
+        build_model(tiny(remat=True, reversible=True), num_classes=2, vocab_size=4, max_len=8)
+    routing = listops_config.get_config("routing,tiny")
+    routing.model.reversible = True
+    with pytest.raises(ValueError, match="update_buffers"):
+        build_model(routing, num_classes=2, vocab_size=16, max_len=64)
