@@ -18,9 +18,12 @@ masked as everywhere). Keys past the length (padding to whole blocks) count as p
 
 Cost: the attention gathers only the selected key blocks, per query token: O(n * top_k *
 block_size * D) FLOPs, computed a few query rows at a time (lax.scan, rematerialised in the
-backward pass) so that a step gathers about STEP_KEYS = 2048 keys per head. The gate itself is q against n / block_size block
-means: O(n^2 / block_size * D), the paper's own gating cost, small next to the attention while
-n < top_k * block_size^2 (e.g. 12K for block 64, top_k 3).
+backward pass) so that a step gathers about STEP_KEYS = 2048 keys per head. The gate itself is
+q against n / block_size block means: O(n^2 / block_size * D), the paper's own gating cost,
+small next to the attention while n < top_k * block_size^2 (e.g. 12K for block 64, top_k 3).
+
+Pallas (attention/pallas/selected.py): the same gate in XLA (`block_lists`), the attention in a
+flash kernel that masks each row to its selected blocks.
 """
 
 from __future__ import annotations
@@ -114,20 +117,48 @@ def moba_parts(q, k, v, *, kv_mask, causal, block_size, top_k, name=NAME):
     qh, kh, vh, kvm = prepare(name, q, k, v, kv_mask, causal)
     c = block_size
     n_pad = round_up(max(q.shape[1], k.shape[1]), c)
-    nb = n_pad // c
     qh, kh, vh = (pad_axis(x, 2, n_pad) for x in (qh, kh, vh))
     kvm = pad_axis(kvm, 1, n_pad, False)
     qb, kb, vb = (to_blocks(x, c, 2) for x in (qh, kh, vh))
     kvb = to_blocks(kvm, c, 1)
     own = own_block_part(qb, kb, vb, kvb, c, causal)
+    chosen = selection(qh, kh, kvm, block_size=c, top_k=top_k, causal=causal)
+    if chosen is None:
+        return own, None
+    sel = selected_part(qh, kb, vb, kvb, *chosen)
+    return own, sel.map(lambda x: to_blocks(x, c, 2))
+
+
+def selection(qh, kh, kvm, *, block_size, top_k, causal):
+    """The gate: (idx int32, ok bool) [B, H, N, top_k - 1] the blocks each query selects
+    besides its own, or None when there are none to select. qh, kh: [B, H, N, D] and kvm
+    [B, N] padded to N = nb * block_size."""
+    c = block_size
+    nb = qh.shape[2] // c
     count = min(top_k - 1, nb - 1)
     if count <= 0:
-        return own, None
+        return None
     kmean, has_real = block_means(kh, kvm, c)
     scores = jnp.einsum("bhnd,bhmd->bhnm", qh.astype(jnp.float32), kmean)  # [B, H, N, nb]
-    idx, ok = select_blocks(scores, eligible_blocks(has_real, nb, c, causal), count)
-    sel = selected_part(qh, kb, vb, kvb, idx, ok)
-    return own, sel.map(lambda x: to_blocks(x, c, 2))
+    return select_blocks(scores, eligible_blocks(has_real, nb, c, causal), count)
+
+
+def block_lists(q, k, *, kv_mask, causal, block_size, top_k):
+    """Per query token, the key blocks it attends to: int32 [B, H, Tq, top_k'] (top_k' =
+    min(top_k, number of blocks)), its own block first, -1 for an empty slot. For the Pallas
+    kernel (attention/pallas/selected.py)."""
+    c = block_size
+    n_pad = round_up(max(q.shape[1], k.shape[1]), c)
+    qh, kh = (pad_axis(jnp.swapaxes(x, 1, 2), 2, n_pad) for x in (q, k))
+    kvm = jnp.ones(k.shape[:2], bool) if kv_mask is None else kv_mask.astype(bool)
+    kvm = pad_axis(kvm, 1, n_pad, False)
+    own = jnp.broadcast_to(jnp.arange(n_pad, dtype=jnp.int32) // c,
+                           qh.shape[:3])[..., None]
+    chosen = selection(qh, kh, kvm, block_size=c, top_k=top_k, causal=causal)
+    if chosen is not None:
+        idx, ok = chosen
+        own = jnp.concatenate([own, jnp.where(ok, idx, -1)], axis=-1)
+    return own[:, :, :q.shape[1]]
 
 
 @register(

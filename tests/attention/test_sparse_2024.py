@@ -350,9 +350,57 @@ def test_mixture_pallas_is_the_members_kernels():
         mix(q, k, v, impl="pallas", variants="local,moba", interpret=True)
 
 
+@pytest.mark.filterwarnings("ignore:.*interpret mode:UserWarning")
+def test_moba_pallas_matches_xla():
+    """Per-row block selection in the kernel: outputs and dq/dk/dv against the XLA variant,
+    causal (top_k 2 of 4 blocks, key tiles smaller than the blocks), and the non-causal
+    forward; one padded example, a length that is not a multiple of the tiles."""
+    b, n, h, d = 2, 29, 2, 16
+    q, k, v, kv_mask = _inputs(8, b, n, h, d, kv_lens=(n, 19))
+    ct = _inputs(9, b, n, h, d)[0]
+    mask = jnp.asarray(kv_mask)
+    moba = attention.get("moba")
+    hp = {"block_size": 8, "top_k": 2}
+
+    def run(q, k, v, ct):
+        res = []
+        for impl, extra in (("pallas", {"block_q": 8, "block_k": 4, "interpret": True}),
+                            ("xla", {})):
+            fn = lambda q, k, v: moba(q, k, v, impl=impl, kv_mask=mask,  # noqa: E731
+                                      causal=True, **hp, **extra)
+            out, vjp = jax.vjp(fn, q, k, v)
+            plain = moba(q, k, v, impl=impl, kv_mask=mask, causal=False, **hp, **extra)
+            res.append((out, vjp(ct), plain))
+        return res
+
+    (out, grads, plain), (out_x, grads_x, plain_x) = jax.jit(
+        run, compiler_options=FAST_COMPILE)(q, k, v, ct)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_x), atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(plain_x), atol=TOL, rtol=TOL)
+    for g, gx, what in zip(grads, grads_x, "qkv"):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(gx), atol=5e-5, rtol=5e-5,
+                                   err_msg=f"d{what}")
+    # the lists are data dependent: each query tile lists exactly the union of its rows'
+    # selected blocks, and rows of one tile select different blocks
+    from attention import moba as moba_mod
+    from attention.pallas import selected
+    sel = np.asarray(moba_mod.block_lists(q, k, kv_mask=mask, causal=True, block_size=8,
+                                          top_k=2))
+    assert len(set(sel[0, 0, 24:29, 1])) > 1
+    padded = jnp.pad(jnp.asarray(sel), ((0, 0), (0, 0), (0, 3), (0, 0)), constant_values=-1)
+    lists = np.asarray(selected.row_tile_lists(padded, q_len_pad=32, kv_len=n, block_q=8,
+                                               block_k=8, block_size=8).kv_lists)
+    for bb in range(b):
+        for hh in range(h):
+            for t in range(4):
+                union = set(sel[bb, hh, 8 * t:8 * t + 8].ravel()) - {-1}
+                got = lists[bb, hh, t]
+                assert got[0] == 0 and set(got[2:2 + got[1]]) == union, (bb, hh, t)
+
+
 def test_pallas_paths_lower_through_triton():
-    """Forward and backward of sliding_sink (learned sink) lower for a GPU (mixture runs the
-    members' kernels; the mixture test above runs them)."""
+    """Forward and backward of sliding_sink (learned sink) and moba lower for a GPU (mixture
+    runs the members' kernels; the mixture test above runs them)."""
     spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
     b, t, h, d = 2, 200, 2, 64
     mask = jax.ShapeDtypeStruct((b, t), jnp.bool_)
@@ -369,3 +417,6 @@ def test_pallas_paths_lower_through_triton():
     assert count(lambda q, k, v, m: attention.get("sliding_sink")(
         q, k, v, impl="pallas", kv_mask=m, causal=True, window=20, num_sink=4,
         learned_sink=True, sink=sink, interpret=False)) == 3
+    assert count(lambda q, k, v, m: attention.get("moba")(
+        q, k, v, impl="pallas", kv_mask=m, causal=True, block_size=64, top_k=3,
+        interpret=False)) == 3
