@@ -72,12 +72,32 @@ def gates(q, gate_w, gate_b):
 def branches(q, k, v, *, kv_mask=None, causal=False, block_size, top_k, window):
     """The three branch outputs, each float32 [B, Tq, H, Dv] (compressed, selected, window)."""
     qh, kh, vh, kvm = prepare(NAME, q, k, v, kv_mask, causal)
-    tq = q.shape[1]
+    f32 = lambda x: finish(x, q.shape[1], jnp.float32)  # noqa: E731
+    cmp = _compressed(qh, kh, vh, kvm, causal=causal, block_size=block_size)
+    # Selected: own block + the best top_k - 1 blocks by the compressed scores.
+    own, sel = moba_parts(q, k, v, kv_mask=kv_mask, causal=causal, block_size=block_size,
+                          top_k=top_k, name=NAME)
+    slc = unblock(merge(own) if sel is None else merge(own, sel))
+    # Window.
+    qb, kb, vb, kvb, pq, pk = band(qh, kh, vh, kvm, window=window, causal=causal)
+    keep = lambda i, j: patterns.local(i, j, window=window)  # noqa: E731
+    win = unblock(merge(partial_attention(qb, [(kb, vb, pair_mask(keep, pq, pk, kvb, causal))])))
+    return f32(cmp), f32(slc), f32(win)
+
+
+def compressed_branch(q, k, v, *, kv_mask=None, causal=False, block_size):
+    """The compressed branch alone: float32 [B, Tq, H, Dv] (the Pallas path uses it)."""
+    qh, kh, vh, kvm = prepare(NAME, q, k, v, kv_mask, causal)
+    return finish(_compressed(qh, kh, vh, kvm, causal=causal, block_size=block_size),
+                  q.shape[1], jnp.float32)
+
+
+def _compressed(qh, kh, vh, kvm, *, causal, block_size):
+    """Block means of the real keys and values, one token per block: [B, H, Tq, Dv] f32."""
+    tq = qh.shape[2]
     c = block_size
-    n_pad = round_up(max(q.shape[1], k.shape[1]), c)
+    n_pad = round_up(max(qh.shape[2], kh.shape[2]), c)
     nb = n_pad // c
-    f32 = lambda x: finish(x, tq, jnp.float32)  # noqa: E731  [B, H, N, Dv] -> [B, Tq, H, Dv]
-    # Compressed: block means of the real keys and values, one token per block.
     kvm_p = pad_axis(kvm, 1, n_pad, False)
     kc, has_real = block_means(pad_axis(kh, 2, n_pad), kvm_p, c)  # [B, H, nb, D], [B, nb]
     vc, _ = block_means(pad_axis(vh, 2, n_pad), kvm_p, c)
@@ -85,17 +105,8 @@ def branches(q, k, v, *, kv_mask=None, causal=False, block_size, top_k, window):
     last = np.arange(nb) * c + c - 1  # last position of each block
     seen = (lambda i, j: j <= i) if causal else (lambda i, j: (i == i) & (j == j))
     mask = pair_mask(seen, pos_q, last, has_real, False)  # [B, 1, 1, Tq, nb]
-    cmp = merge(partial_attention(qh[:, :, None], [(kc.astype(qh.dtype), vc.astype(vh.dtype),
-                                                    mask)]))[:, :, 0]
-    # Selected: own block + the best top_k - 1 blocks by the compressed scores.
-    own, sel = moba_parts(q, k, v, kv_mask=kv_mask, causal=causal, block_size=c, top_k=top_k,
-                          name=NAME)
-    slc = unblock(merge(own) if sel is None else merge(own, sel))
-    # Window.
-    qb, kb, vb, kvb, pq, pk = band(qh, kh, vh, kvm, window=window, causal=causal)
-    keep = lambda i, j: patterns.local(i, j, window=window)  # noqa: E731
-    win = unblock(merge(partial_attention(qb, [(kb, vb, pair_mask(keep, pq, pk, kvb, causal))])))
-    return f32(cmp), f32(slc), f32(win)
+    return merge(partial_attention(qh[:, :, None], [(kc.astype(qh.dtype), vc.astype(vh.dtype),
+                                                     mask)]))[:, :, 0]
 
 
 @register(

@@ -7,7 +7,8 @@ variant (attention.register_pallas), with the variant's own signature plus kerne
   linear        chunked linear attention for linear and performer
   gla           chunked gated linear attention (per-channel decay) for gla
   diff          differential attention as two dense flash calls
-  selected      sliding_sink (static layout + learned sink) and mixture (members' kernels)
+  selected      sliding_sink (static layout + learned sink), moba (per-row block selection),
+                nsa (moba's + local's kernels) and mixture (members' kernels)
 """
 
 from attention.pallas import (block_mask, block_sparse, diff, gla, linear,  # noqa: F401

@@ -17,8 +17,10 @@
                 the own block, the key length and kv_mask). Kernel key tiles divide block_size,
                 so a tile lies in one MoBA block. Same result as the XLA variant.
 
-Not here: nsa (its selected branch is moba's; the compressed and window branches would need
-their own calls and a gated sum: not done). impl="pallas" for nsa is a ValueError.
+  nsa           the gated sum of its three branches: selected = the moba kernel above (the
+                same gate and blocks), window = block_sparse's local kernel, compressed = the
+                XLA branch (a dense softmax over n / block_size block tokens, no block
+                structure to exploit).
 """
 
 from __future__ import annotations
@@ -445,3 +447,26 @@ def moba_attention(q, k, v, *, kv_mask=None, causal=False, block_size, top_k, bl
     kvm = None if kv_mask is None else bs._pad_axis(kv_mask.astype(jnp.int32), 1, tk)
     out = _row_flash(cfg, qp, kp, vp, sel, kvm, mask.kv_lists, mask.q_lists)
     return out[:, :q_len, :, :dv]
+
+
+@register_pallas("nsa")
+def nsa_attention(q, k, v, *, kv_mask=None, causal=False, block_size, top_k, window,
+                  gate_w=None, gate_b=None, block_q=None, block_k=None, interpret=None):
+    """Gates from q; selected branch on the moba kernel, window branch on the local kernel,
+    compressed branch in XLA."""
+    import attention
+    from attention import nsa
+
+    name = "nsa"
+    check_qkv(name, q, k, v, kv_mask)
+    check_causal(name, causal, True, q.shape[1], k.shape[1])
+    g = nsa.gates(q, gate_w, gate_b)
+    kernel = dict(block_q=block_q, interpret=interpret)
+    cmp = nsa.compressed_branch(q, k, v, kv_mask=kv_mask, causal=causal,
+                                block_size=block_size)
+    slc = moba_attention(q, k, v, kv_mask=kv_mask, causal=causal, block_size=block_size,
+                         top_k=top_k, block_k=block_k, **kernel)
+    win = attention.PALLAS["local"](q, k, v, kv_mask=kv_mask, causal=causal, window=window,
+                                    block_k=block_k, **kernel)
+    out = sum(g[..., n, None] * o.astype(jnp.float32) for n, o in enumerate((cmp, slc, win)))
+    return out.astype(v.dtype)
