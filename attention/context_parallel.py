@@ -15,6 +15,9 @@ A length that the split does not divide is padded at the end and masked. The for
 - halo (local): sliding-window attention needs only the `window` keys on either side of a
   shard, taken from the two neighbours (one ppermute each way); the registered variant then
   runs on [left halo, shard, right halo]. Needs window <= shard length, else gather.
+- window_global (longformer, sliding_sink): the halo for the window, the g global keys from the
+  first device, longformer's global query rows merged over the devices by their softmax
+  statistics (attention/_cp_window.py). Needs window and g <= the shard length, else gather.
 - kv_state (linear; performer not causal): the kernel sums sum_j phi(k_j) [v_j, 1]: summed over
   shards (psum; the performer's key stabiliser is the max over every shard, pmax), or, causal,
   an exclusive prefix over the shards before this one plus a chunked scan inside. The causal
@@ -37,10 +40,11 @@ from jax.sharding import PartitionSpec as P
 
 from attention import get as get_variant
 from attention._util import NEG_INF
-from attention import performer
+from attention import _cp_window, performer
 from attention.linear import elu_feature
 
-FORMS = {"dense": "ring", "blockwise": "ring", "local": "halo", "linear": "kv_state"}
+FORMS = {"dense": "ring", "blockwise": "ring", "local": "halo", "linear": "kv_state",
+         "longformer": "window_global", "sliding_sink": "window_global"}
 
 
 def seq_shards(mesh=None, seq_axis: str = "seq") -> int:
@@ -69,6 +73,8 @@ def form_of(name: str, hparams: dict, shard_len: int, causal: bool = False) -> s
         return "gather"          # dropout on attention weights: the variant's own draw
     if form == "halo" and int(hparams.get("window", 0)) > shard_len:
         return "gather"          # the window reaches past the neighbouring shard
+    if form == "window_global" and not _cp_window.fits(name, hparams, shard_len):
+        return "gather"          # the window or the global keys reach past one shard
     return form
 
 
@@ -258,4 +264,4 @@ def _gather_local(q, k, v, mask, arrays, *, name, causal, axis, shards, static):
 
 
 _LOCAL = {"ring": _ring_local, "halo": _halo_local, "kv_state": _kv_state_local,
-          "gather": _gather_local}
+          "window_global": _cp_window.window_global_local, "gather": _gather_local}

@@ -1,6 +1,6 @@
 """Context parallelism on 4 host CPU devices: one sequence split over the mesh's "seq" axis
-gives the single-device forward and gradients for every form (ring, halo, kv_state, gather),
-causal and not, with padding; a tiny run with seq_shards=2 follows the loss trajectory of
+gives the single-device forward and gradients for every form (ring, halo, window_global,
+kv_state, gather), causal and not, with padding; a tiny run with seq_shards=2 follows the loss trajectory of
 seq_shards=1. Runs in its own process (tests/test_context_parallel.py starts it with
 XLA_FLAGS=--xla_force_host_platform_device_count=4); skipped with fewer devices."""
 
@@ -26,6 +26,11 @@ CASES = [(n, o, s, c) for n, o, s in [("dense", {}, 2), ("dense", {}, 4),
                                        ("linear", {"chunk_size": 4}, 2)] for c in (False, True)]
 CASES += [("performer", {}, 2, False), ("performer", {"feature_map": "relu"}, 2, False),
           ("strided", {"stride": 4}, 2, True)]
+# window + global keys: the halo, the first device's global keys, longformer's global rows
+CASES += [("longformer", {"window": 3, "num_global": 2}, 2, False),
+          ("longformer", {"window": 5, "num_global": 3}, 4, True),
+          ("sliding_sink", {"window": 3, "num_sink": 2, "learned_sink": True}, 2, True),
+          ("sliding_sink", {"window": 4, "num_sink": 1}, 4, False)]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +71,8 @@ def test_split_sequence_equals_one_device(inputs, name, overrides, seq, causal):
                 "performer": "gather" if causal else "kv_state"}.get(name, "gather")
     if name == "local":
         expected = "halo" if overrides["window"] <= 32 // seq else "gather"
+    if name in ("longformer", "sliding_sink"):
+        expected = "window_global"
     assert cp.form_of(name, hp, 32 // seq, causal) == expected
 
 
