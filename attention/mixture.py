@@ -3,7 +3,8 @@ Transformer gives half of the heads to each of its two patterns, Child et al. 20
 
 variants="local,strided" (a string, so a command line can set it): the heads are split into
 len(members) equal contiguous groups, in that order, and each group is computed by that
-registered variant (its XLA function; impl="pallas": its kernel) on its heads only. Heads not
+registered variant (its XLA function; impl="pallas": its kernel, or, for a member without one,
+its XLA function with a warning, so impl="auto" works on a GPU) on its heads only. Heads not
 divisible by the number of members is a ValueError.
 
 Members' hyperparameters: their registry defaults, overridden by member_hparams, a string
@@ -25,6 +26,8 @@ case among the registry's patterns (strided is O(n^2/s)), i.e. "O(n^2/s)" for th
 
 from __future__ import annotations
 
+import warnings
+
 import jax.numpy as jnp
 
 import attention
@@ -32,6 +35,7 @@ from attention import Text, register
 from attention._util import check_causal, check_qkv
 
 NAME = "mixture"
+_WARNED: list[str] = []  # members whose missing kernel was reported
 
 
 def _syntax(text: str) -> str | None:
@@ -116,14 +120,23 @@ def _run(impl: str, q, k, v, *, kv_mask, causal, variants, member_hparams, state
     unknown = [n for n in state if not n.startswith(prefixes)]
     if unknown:
         raise ValueError(f"{NAME}: unexpected arguments {sorted(unknown)}")
-    fns = [attention.implementation(name, impl) for name, _ in mem]  # every kernel exists
+    fns = []
+    for name, _ in mem:
+        if impl == "pallas" and name not in attention.PALLAS:
+            if name not in _WARNED:
+                _WARNED.append(name)
+                warnings.warn(f"{NAME}: member {name!r} has no Pallas kernel; its heads run "
+                              f"the XLA implementation", stacklevel=3)
+            fns.append((attention.get(name).fn, False))
+        else:
+            fns.append((attention.implementation(name, impl), impl == "pallas"))
     outs = []
-    for index, ((name, hp), fn) in enumerate(zip(mem, fns)):
+    for index, ((name, hp), (fn, is_kernel)) in enumerate(zip(mem, fns)):
         p = prefix(index, name)
         arrays = {n[len(p):]: a for n, a in state.items() if n.startswith(p)}
         heads = slice(index * g, (index + 1) * g)
         outs.append(fn(q[:, :, heads], k[:, :, heads], v[:, :, heads], kv_mask=kv_mask,
-                       causal=causal, **hp, **arrays, **(kernel or {})))
+                       causal=causal, **hp, **arrays, **((kernel or {}) if is_kernel else {})))
     return jnp.concatenate(outs, axis=2).astype(v.dtype)
 
 
