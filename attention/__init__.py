@@ -13,8 +13,9 @@ Contract (see DESIGN.md):
 Each family module registers its variants with `@register(...)`; every module in this package
 is imported below, so a new file is registered (and tested by the registry-wide tests) by
 existing. A variant declares its hyperparameters once (`hparams={"window": Int(50, min=0)}`,
-attention/_hparams.py): the registry fills defaults and validates them (`Variant.resolve`), and
-the XLA and Pallas functions take them as keywords without defaults.
+attention/_hparams.py; a rule between several of them as `constraint=`): the registry fills
+defaults and validates them (`Variant.resolve`), and the XLA and Pallas functions, init_state
+and update_buffers take them as keywords without defaults and do not check them again.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from typing import Any, Callable, Mapping
 from attention._hparams import Choice, Flag, Float, Hp, Int, Shape, Text, resolve
 
 __all__ = ["Variant", "VARIANTS", "PALLAS", "get", "register", "register_pallas",
-           "implementation", "names", "hparams_for", "Hp", "Int", "Float", "Flag", "Choice",
-           "Shape", "Text"]
+           "implementation", "resolve_impl", "names", "hparams_for", "Hp", "Int", "Float",
+           "Flag", "Choice", "Shape", "Text"]
 
 
 def _no_state(key, *, q_len, kv_len, num_heads, head_dim, **hparams):
@@ -58,6 +59,8 @@ class Variant:
     model_supplies: hyperparameters the model sets from what it knows, {name: fact} with fact
       one of MODEL_FACTS: "grid_shape" (the task's rows x cols), "num_prefix" (tokens the model
       prepends, e.g. CLS), "layer_parity" (layer index mod 2, e.g. axial's alternating axis).
+    constraint: optional constraint(hparams) -> None if they are valid together, else a message
+      naming the fields: a rule between several hyperparameters (each one's range is its Hp's).
     """
 
     name: str
@@ -70,6 +73,7 @@ class Variant:
     update_buffers: Callable[..., dict] | None = None
     supports_dropout: bool = False
     model_supplies: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    constraint: Callable[[dict], str | None] | None = None
 
     @property
     def defaults(self) -> dict:
@@ -78,7 +82,11 @@ class Variant:
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> dict:
         """Every hyperparameter: the defaults updated by `overrides`, checked against their
         declarations. Unknown names and invalid values are a ValueError saying what is valid."""
-        return resolve(self.name, self.hparams, overrides)
+        hp = resolve(self.name, self.hparams, overrides)
+        problem = self.constraint(hp) if self.constraint is not None else None
+        if problem:
+            raise ValueError(f"{self.name}: {problem}")
+        return hp
 
     def __call__(self, q, k, v, *, impl: str = "xla", **kwargs):
         """The variant (impl "xla" | "pallas" | "auto") with the hyperparameters in kwargs filled
@@ -120,8 +128,7 @@ IMPLS = ("xla", "pallas", "auto")  # auto: pallas on a GPU where a kernel exists
 def register(
     name: str,
     *,
-    hparams: Mapping[str, Hp] | None = None,
-    defaults: Mapping[str, Any] | None = None,
+    hparams: Mapping[str, Hp],
     supports_causal: bool,
     complexity: str,
     doc: str,
@@ -129,20 +136,22 @@ def register(
     update_buffers: Callable[..., dict] | None = None,
     supports_dropout: bool = False,
     model_supplies: Mapping[str, str] | None = None,
+    constraint: Callable[[dict], str | None] | None = None,
 ):
     """Decorator: registers `fn` under `name`. Returns fn unchanged.
 
-    hparams: {name: Hp}, each hyperparameter's default and valid values (attention/_hparams.py).
-    defaults: {name: value}, hyperparameters declared without checks (transitional)."""
-    if hparams is not None and defaults is not None:
-        raise ValueError(f"variant {name!r}: give hparams or defaults, not both")
-    declared = dict(hparams) if hparams is not None else \
-        {key: Hp(value) for key, value in (defaults or {}).items()}
+    hparams: {name: Hp}, each hyperparameter's default and valid values (attention/_hparams.py);
+    {} for none. The other fields are Variant's."""
+    declared = dict(hparams)
     for key, hp in declared.items():
         if not isinstance(hp, Hp):
             raise ValueError(f"variant {name!r}: hyperparameter {key!r} must be declared as an "
                              f"Hp (Int, Float, Flag, Choice, Shape, Text); got {hp!r}")
         hp.check(f"variant {name!r}: default of {key}", hp.default)
+    problem = constraint({key: hp.default for key, hp in declared.items()}) if constraint \
+        else None
+    if problem:
+        raise ValueError(f"variant {name!r}: the defaults break its constraint: {problem}")
     if complexity not in COMPLEXITIES:
         raise ValueError(
             f"variant {name!r}: complexity {complexity!r} is not one of {sorted(COMPLEXITIES)}"
@@ -166,6 +175,7 @@ def register(
             update_buffers=update_buffers,
             supports_dropout=supports_dropout,
             model_supplies=dict(model_supplies or {}),
+            constraint=constraint,
         )
         return fn
 
@@ -184,23 +194,27 @@ def register_pallas(name: str):
     return deco
 
 
-def implementation(name: str, impl: str = "xla") -> Callable[..., Any]:
-    """The function computing variant `name` with `impl` ("xla" | "pallas" | "auto"); it takes
-    every hyperparameter (hparams_for gives them), while the Variant itself fills defaults."""
-    variant = get(name)
+def resolve_impl(name: str, impl: str = "xla") -> str:
+    """"xla" or "pallas": `impl` checked, "auto" decided (pallas on a GPU where a kernel
+    exists, else xla)."""
+    get(name)
     if impl == "auto":
         import jax
 
-        impl = "pallas" if jax.default_backend() == "gpu" and name in PALLAS else "xla"
-    if impl == "xla":
-        return variant.fn
-    if impl == "pallas":
-        if name not in PALLAS:
-            raise ValueError(
-                f"attention variant {name!r} has no Pallas kernel; variants with one: "
-                f"{', '.join(sorted(PALLAS)) or 'none'}. Use impl='xla'.")
-        return PALLAS[name]
-    raise ValueError(f"attention impl must be one of {IMPLS}; got {impl!r}")
+        return "pallas" if jax.default_backend() == "gpu" and name in PALLAS else "xla"
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}; got {impl!r}")
+    if impl == "pallas" and name not in PALLAS:
+        raise ValueError(
+            f"attention variant {name!r} has no Pallas kernel; variants with one: "
+            f"{', '.join(sorted(PALLAS)) or 'none'}. Use impl='xla'.")
+    return impl
+
+
+def implementation(name: str, impl: str = "xla") -> Callable[..., Any]:
+    """The function computing variant `name` with `impl` ("xla" | "pallas" | "auto"); it takes
+    every hyperparameter (hparams_for gives them), while the Variant itself fills defaults."""
+    return PALLAS[name] if resolve_impl(name, impl) == "pallas" else get(name).fn
 
 
 def names() -> list[str]:

@@ -12,6 +12,7 @@ stay in the function.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Callable
 
 
@@ -107,7 +108,15 @@ class Choice(Hp):
     options: tuple = ()
 
     def check(self, where, value):
-        if value not in self.options:
+        if isinstance(value, str) and all(isinstance(o, int) for o in self.options):
+            value = _as_int(value)                  # "0" from the command line for (0, 1)
+        if isinstance(value, bool) and not any(isinstance(o, bool) for o in self.options):
+            self._fail(where, value)                # True == 1, but not an axis
+        try:
+            ok = value in self.options
+        except TypeError:
+            ok = False
+        if not ok:
             self._fail(where, value)
         return value
 
@@ -126,12 +135,14 @@ class Shape(Hp):
         if value is None:
             return value
         try:
-            value = tuple(int(s) for s in value)
-        except (TypeError, ValueError):
+            sizes = tuple(_as_int(s) for s in value)
+        except TypeError:
             self._fail(where, value)
-        if len(value) != self.ndim or min(value) < 1:
+        if (isinstance(value, str) or len(sizes) != self.ndim
+                or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1
+                       for s in sizes)):
             self._fail(where, value)
-        return value
+        return tuple(int(s) for s in sizes)
 
     def describe(self):
         return f"{self.ndim} integers >= 1"

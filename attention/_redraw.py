@@ -19,15 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention._util import check_int
-
-POLICIES = ("fixed", "step")
-
-
-def check(name: str, redraw, redraw_interval):
-    if redraw not in POLICIES:
-        raise ValueError(f"{name}: redraw must be one of {POLICIES}; got {redraw!r}")
-    check_int(name, "redraw_interval", redraw_interval, 1)
+POLICIES = ("fixed", "step")   # declared as Choice("fixed", options=POLICIES)
 
 
 def draw_key(key, index):

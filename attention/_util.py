@@ -1,4 +1,4 @@
-"""Helpers shared by the variant modules: argument checks and masked softmax."""
+"""Helpers shared by the variant modules: shape checks and masked softmax."""
 
 from __future__ import annotations
 
@@ -49,22 +49,10 @@ def sqrt_size(length: int) -> int:
     return math.isqrt(max(length, 1) - 1) + 1
 
 
-def int_or_sqrt(name: str, field: str, value, minimum: int, length: int | None = None):
-    """Validates an integer >= minimum or "sqrt"; -> the int, "sqrt" resolved as
-    max(minimum, sqrt_size(length)) when a length is given (else returned as is)."""
-    if value == "sqrt":
-        return value if length is None else max(minimum, sqrt_size(length))
-    if isinstance(value, str) and value.isdigit():   # a number given on the command line to a
-        value = int(value)                           # config field whose default is "sqrt"
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: {field} must be an integer >= {minimum} or 'sqrt' "
-                         f"(ceil(sqrt(n))); got {value!r}")
-    return value
-
-
-def check_float(name: str, field: str, value, lo: float, hi: float):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{name}: {field} must be a number in [{lo}, {hi}]; got {value!r}")
+def or_sqrt(value, length: int) -> int:
+    """An `Int(..., sqrt=True)` hyperparameter at sequence length `length`: the integer, or
+    sqrt_size(length) for "sqrt"."""
+    return sqrt_size(length) if value == "sqrt" else value
 
 
 def scale(head_dim: int) -> float:

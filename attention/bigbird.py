@@ -22,20 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention import patterns, register
+from attention import Int, patterns, register
 from attention._blocks import (
     dropout_keys, gather_blocks, heads_first, kv_mask_or_ones, merge, merge_axes,
     neighbours, pad_axis, pair_mask, partial_attention, round_up, to_blocks)
-from attention._util import check_causal, check_int, check_qkv
+from attention._util import check_causal, check_qkv
 
 NAME = "bigbird"
-
-
-def _check_hparams(block_size, num_window_blocks, num_global_blocks, num_random_blocks):
-    check_int(NAME, "block_size", block_size, 1)
-    check_int(NAME, "num_window_blocks", num_window_blocks, 1)
-    check_int(NAME, "num_global_blocks", num_global_blocks, 0)
-    check_int(NAME, "num_random_blocks", num_random_blocks, 0)
 
 
 def _global_blocks(num_blocks: int, num_global_blocks: int) -> list[int]:
@@ -44,8 +37,8 @@ def _global_blocks(num_blocks: int, num_global_blocks: int) -> list[int]:
     return sorted(ids)
 
 
-def init_bigbird(key, *, q_len, kv_len, num_heads, head_dim, block_size=64,
-                 num_window_blocks=3, num_global_blocks=2, num_random_blocks=3, **_):
+def init_bigbird(key, *, q_len, kv_len, num_heads, head_dim, block_size, num_window_blocks,
+                 num_global_blocks, num_random_blocks):
     """The random block layout: int32 [num_heads, num_blocks, num_random_blocks].
 
     num_blocks = ceil(max(q_len, kv_len) / block_size) at the model's maximum length. Row qb
@@ -54,7 +47,6 @@ def init_bigbird(key, *, q_len, kv_len, num_heads, head_dim, block_size=64,
     attention counts each block once anyway.
     """
     del head_dim
-    _check_hparams(block_size, num_window_blocks, num_global_blocks, num_random_blocks)
     nb = -(-max(q_len, kv_len) // block_size)
     qb, kb = np.arange(nb)[:, None], np.arange(nb)[None, :]
     is_global = np.isin(np.arange(nb), _global_blocks(nb, num_global_blocks))
@@ -77,21 +69,20 @@ def _draw_layout(key, preferred, num_heads: int, r: int):
 
 @register(
     NAME,
-    defaults={"block_size": 64, "num_window_blocks": 3, "num_global_blocks": 2,
-              "num_random_blocks": 3},
+    hparams={"block_size": Int(64, min=1), "num_window_blocks": Int(3, min=1),
+             "num_global_blocks": Int(2, min=0), "num_random_blocks": Int(3, min=0)},
     supports_causal=True,
     complexity="O(n)",
     doc="BigBird: window + global + random key blocks per query block (Zaheer et al. 2020)",
     init_state=init_bigbird,
     supports_dropout=True,
 )
-def bigbird_attention(q, k, v, *, kv_mask=None, causal=False, block_size=64,
-                      num_window_blocks=3, num_global_blocks=2, num_random_blocks=3,
-                      random_layout=None, dropout_rate=0.0, dropout_rng=None):
+def bigbird_attention(q, k, v, *, kv_mask=None, causal=False, block_size, num_window_blocks,
+                      num_global_blocks, num_random_blocks, random_layout=None,
+                      dropout_rate=0.0, dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk];
     random_layout: int [H, >= num_blocks, num_random_blocks] from init_state. -> [B, Tq, H, Dv].
     """
-    _check_hparams(block_size, num_window_blocks, num_global_blocks, num_random_blocks)
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
     c = block_size

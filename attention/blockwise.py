@@ -22,9 +22,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from attention import register
+from attention import Int, register
 from attention._blocks import kv_mask_or_ones, pad_axis, round_up
-from attention._util import NEG_INF, check_causal, check_int, check_qkv
+from attention._util import NEG_INF, check_causal, check_qkv
 
 
 def _chunks(x, c):
@@ -120,15 +120,14 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 @register(
     "blockwise",
-    defaults={"chunk_size": 128},
+    hparams={"chunk_size": Int(128, min=1)},
     supports_causal=True,
     complexity="O(n^2)",
     doc="Exact softmax attention over key chunks with online max/sum and a recomputing "
         "backward (Rabe & Staats 2021; FlashAttention); memory O(n * chunk_size)",
 )
-def blockwise_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size=128):
+def blockwise_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv]."""
-    check_int("blockwise", "chunk_size", chunk_size, 1)
     check_qkv("blockwise", q, k, v, kv_mask)
     check_causal("blockwise", causal, True, q.shape[1], k.shape[1])
     kv = kv_mask_or_ones(kv_mask, k.shape[0], k.shape[1])

@@ -17,18 +17,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention import register
+from attention import Int, register
 from attention._buckets import attend
-from attention._util import check_causal, check_qkv, int_or_sqrt, masked_softmax, scale
+from attention._util import check_causal, check_qkv, masked_softmax, or_sqrt, scale
 
 NAME = "compressed"
-DEFAULTS = {"compression": 4}
 
 
-def init_state(key, *, q_len, kv_len, num_heads, head_dim, compression=4, **unused):
+def init_state(key, *, q_len, kv_len, num_heads, head_dim, compression):
     """params: conv_k, conv_v [H, compression, D, D] (lecun normal)."""
-    del unused
-    compression = int_or_sqrt(NAME, "compression", compression, 1, max(q_len, kv_len))
+    compression = or_sqrt(compression, max(q_len, kv_len))
     kk, kv = jax.random.split(key)
     shape = (num_heads, compression, head_dim, head_dim)
     std = 1.0 / jnp.sqrt(compression * head_dim)
@@ -37,15 +35,15 @@ def init_state(key, *, q_len, kv_len, num_heads, head_dim, compression=4, **unus
             "buffers": {}}
 
 
-@register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n^2/s)",
+@register(NAME, hparams={"compression": Int(4, min=1, sqrt=True)}, supports_causal=True,
+          complexity="O(n^2/s)",
           doc="Liu et al. 2018: keys/values compressed by a learned strided convolution",
           init_state=init_state)
-def compressed_attention(q, k, v, *, kv_mask=None, causal=False, compression=4, conv_k=None,
+def compressed_attention(q, k, v, *, kv_mask=None, causal=False, compression, conv_k=None,
                          conv_v=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; conv_k, conv_v [H, c, D, D] -> [B, Tq, H, Dv]."""
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
-    int_or_sqrt(NAME, "compression", compression, 1)
     b, tq, h, d = q.shape
     tk, dv = k.shape[1], v.shape[-1]
     if compression == "sqrt" and conv_k is not None and conv_k.ndim == 4:

@@ -87,14 +87,18 @@ def zigzag_order(length: int, shards: int) -> np.ndarray:
 
 
 def attend(name, q, k, v, *, kv_mask=None, causal=False, mesh=None, seq_axis="seq",
-           batch_axis="data", **hparams):
+           batch_axis="data", **kwargs):
     """The registered variant `name` with q, k, v's length split over `seq_axis` of `mesh`
-    (default: the mesh set by jax.set_mesh). q, k, v: [B, T, H, D]; kv_mask: bool [B, T]."""
+    (default: the mesh set by jax.set_mesh). q, k, v: [B, T, H, D]; kv_mask: bool [B, T].
+    kwargs: as for the variant itself (hyperparameters, defaults filled; state arrays; impl;
+    dropout)."""
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     variant = get_variant(name)
     shards = seq_shards(mesh, seq_axis)
     if shards == 1:
-        return variant(q, k, v, kv_mask=kv_mask, causal=causal, **hparams)
+        return variant(q, k, v, kv_mask=kv_mask, causal=causal, **kwargs)
+    given = {n: kwargs.pop(n) for n in list(kwargs) if n in variant.hparams}
+    hparams = {**kwargs, **variant.resolve(given)}
     if causal and not variant.supports_causal:
         raise ValueError(f"attention variant {name!r} cannot be causal (causal=True given)")
     b, t = q.shape[:2]
@@ -208,11 +212,11 @@ def _features(name, q, k, keep, arrays, static, axis):
     if name == "linear":
         return elu_feature(qt), jnp.where(keep, elu_feature(kt), 0.0)
     w = arrays["projection"].astype(jnp.float32)
-    if static.get("feature_map", "favor+") == "relu":
+    if static["feature_map"] == "relu":
         phi = lambda x: jax.nn.relu(jnp.einsum(  # noqa: E731
             "bhtd,md->bhtm", x.astype(jnp.float32) * x.shape[-1] ** -0.25, w)) + 1e-3
         return phi(qt), jnp.where(keep, phi(kt), 0.0)
-    if static.get("feature_map", "favor+") != "exp":
+    if static["feature_map"] != "exp":
         w = jax.lax.stop_gradient(w)
     lk = jnp.where(keep, performer._log_features(kt, w), NEG_INF)
     mx = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(lk, axis=(2, 3), keepdims=True)), axis)
@@ -232,7 +236,7 @@ def _kv_state_local(q, k, v, mask, arrays, *, name, causal, axis, shards, static
         every = jax.lax.all_gather(state, axis)                        # [s, B, H, M, Dv + 1]
         before = jnp.arange(shards) < jax.lax.axis_index(axis)
         prefix = jnp.einsum("s,sbhmd->bhmd", before.astype(jnp.float32), every)
-        out = _causal_kernel(qf, kf, v1, prefix, int(static.get("chunk_size", 64)))
+        out = _causal_kernel(qf, kf, v1, prefix, int(static["chunk_size"]))
     num, den = out[..., :-1], out[..., -1]
     out = jnp.where((den > 0)[..., None], num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
     return jnp.swapaxes(out, 1, 2).astype(v.dtype)

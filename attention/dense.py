@@ -10,7 +10,7 @@ from attention._util import check_causal, check_qkv, dropout, masked_softmax, sc
 
 @register(
     "dense",
-    defaults={},
+    hparams={},
     supports_causal=True,
     complexity="O(n^2)",
     doc="Vaswani et al. 2017: full softmax attention, the quadratic reference",

@@ -16,23 +16,20 @@ Predicates: attention/patterns.py (axial, local2d).
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax.numpy as jnp
 import numpy as np
 
-from attention import patterns, register
+from attention import Choice, Int, Shape, patterns, register
 from attention._blocks import (
     dropout_keys, heads_first, kv_mask_or_ones, merge, pair_mask, partial_attention, round_up,
     to_blocks, xp)
-from attention._util import check_causal, check_int, check_qkv
+from attention._util import check_causal, check_qkv
 
 
 def _check_grid(name: str, shape, num_prefix, q, k):
-    if (not isinstance(shape, Sequence) or len(shape) != 2
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape)):
-        raise ValueError(f"{name}: shape must be (rows, cols), two integers >= 1; got {shape!r}")
-    check_int(name, "num_prefix", num_prefix, 0)
+    if shape is None:
+        raise ValueError(f"{name}: shape (rows, cols) is required (a model supplies its task's "
+                         f"grid)")
     n = num_prefix + shape[0] * shape[1]
     if q.shape[1] != n or k.shape[1] != n:
         raise ValueError(
@@ -68,7 +65,8 @@ def _prefix_group(kh, vh, kvm, keep, pos_q, num_prefix, causal):
 
 @register(
     "axial",
-    defaults={"shape": (32, 32), "axis": 1, "num_prefix": 0},
+    hparams={"shape": Shape((32, 32)), "axis": Choice(1, options=(0, 1)),
+             "num_prefix": Int(0, min=0)},
     supports_causal=True,
     complexity="O(n sqrt n)",
     doc="Axial attention: same row (axis=1) or same column (axis=0) of a rows x cols grid "
@@ -76,11 +74,10 @@ def _prefix_group(kh, vh, kvm, keep, pos_q, num_prefix, causal):
     supports_dropout=True,
     model_supplies={"shape": "grid_shape", "num_prefix": "num_prefix", "axis": "layer_parity"},
 )
-def axial_attention(q, k, v, *, kv_mask=None, causal=False, shape=(32, 32), axis=1,
-                    num_prefix=0, dropout_rate=0.0, dropout_rng=None):
-    """q, k, v: [B, num_prefix + rows * cols, H, D]; kv_mask: bool [B, T]. -> [B, T, H, Dv]."""
-    if axis not in (0, 1) or isinstance(axis, bool):
-        raise ValueError(f"axial: axis must be 0 (same column) or 1 (same row); got {axis!r}")
+def axial_attention(q, k, v, *, kv_mask=None, causal=False, shape, axis, num_prefix,
+                    dropout_rate=0.0, dropout_rng=None):
+    """q, k, v: [B, num_prefix + rows * cols, H, D]; kv_mask: bool [B, T]. -> [B, T, H, Dv].
+    axis: 0 same column, 1 same row."""
     qh, kh, vh, kvm, rows, cols = _prepare("axial", q, k, v, kv_mask, causal, shape, num_prefix)
     p = num_prefix
     keep = lambda i, j: patterns.axial(i, j, shape=(rows, cols), axis=axis,  # noqa: E731
@@ -169,7 +166,7 @@ def _grid_windows(x, axis: int, t: int, w: int, fill):
 
 @register(
     "local2d",
-    defaults={"shape": (32, 32), "window": 3, "num_prefix": 0},
+    hparams={"shape": Shape((32, 32)), "window": Int(3, min=0), "num_prefix": Int(0, min=0)},
     supports_causal=True,
     complexity="O(n)",
     doc="2D local attention: abs(row_i - row_j) <= window and abs(col_i - col_j) <= window "
@@ -177,10 +174,9 @@ def _grid_windows(x, axis: int, t: int, w: int, fill):
     supports_dropout=True,
     model_supplies={"shape": "grid_shape", "num_prefix": "num_prefix"},
 )
-def local2d_attention(q, k, v, *, kv_mask=None, causal=False, shape=(32, 32), window=3,
-                      num_prefix=0, dropout_rate=0.0, dropout_rng=None):
+def local2d_attention(q, k, v, *, kv_mask=None, causal=False, shape, window, num_prefix,
+                      dropout_rate=0.0, dropout_rng=None):
     """q, k, v: [B, num_prefix + rows * cols, H, D]; kv_mask: bool [B, T]. -> [B, T, H, Dv]."""
-    check_int("local2d", "window", window, 0)
     qh, kh, vh, kvm, rows, cols = _prepare("local2d", q, k, v, kv_mask, causal, shape,
                                            num_prefix)
     p, w = num_prefix, window

@@ -15,28 +15,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention import register
-from attention._util import check_causal, check_int, check_qkv, masked_softmax, scale
+from attention import Int, register
+from attention._util import check_causal, check_qkv, masked_softmax, scale
 
 NAME = "inducing"
 
 
-def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_inducing=32, **unused):
+def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_inducing):
     """params: inducing [H, num_inducing, D], standard normal."""
-    del q_len, kv_len, unused
-    check_int(NAME, "num_inducing", num_inducing, 1)
+    del q_len, kv_len
     return {"params": {"inducing": jax.random.normal(key, (num_heads, num_inducing, head_dim))},
             "buffers": {}}
 
 
-@register(NAME, defaults={"num_inducing": 32}, supports_causal=False, complexity="O(n)",
+@register(NAME, hparams={"num_inducing": Int(32, min=1)}, supports_causal=False,
+          complexity="O(n)",
           doc="Lee et al. 2019 (Set Transformer ISAB): m learned inducing points in between",
           init_state=init_state)
-def inducing_attention(q, k, v, *, kv_mask=None, causal=False, num_inducing=32, inducing=None):
+def inducing_attention(q, k, v, *, kv_mask=None, causal=False, num_inducing, inducing=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; inducing [H, m, D] -> [B, Tq, H, Dv]."""
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, False, q.shape[1], k.shape[1])
-    check_int(NAME, "num_inducing", num_inducing, 1)
     b, tq, h, d = q.shape
     if inducing is None or tuple(inducing.shape) != (h, num_inducing, d):
         raise ValueError(f"{NAME}: inducing [heads, num_inducing, head_dim] = "

@@ -9,18 +9,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention import register
+from attention import Int, register
 from attention._linearized import kernel_attention
-from attention._util import check_causal, check_int, check_qkv
+from attention._util import check_causal, check_qkv
 
 NAME = "linear"
-DEFAULTS = {"chunk_size": 64}
-
-
-def init_state(key, *, q_len, kv_len, num_heads, head_dim, chunk_size=64, **unused):
-    del key, q_len, kv_len, num_heads, head_dim, unused
-    check_int(NAME, "chunk_size", chunk_size, 1)
-    return {"params": {}, "buffers": {}}
 
 
 def elu_feature(x):
@@ -28,14 +21,13 @@ def elu_feature(x):
     return jax.nn.elu(x.astype(jnp.float32)) + 1.0
 
 
-@register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n)",
-          doc="Katharopoulos et al. 2020: linear attention, feature map elu(x) + 1",
-          init_state=init_state)
-def linear_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size=64):
+@register(NAME, hparams={"chunk_size": Int(64, min=1)}, supports_causal=True,
+          complexity="O(n)",
+          doc="Katharopoulos et al. 2020: linear attention, feature map elu(x) + 1")
+def linear_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D] -> [B, Tq, H, Dv]."""
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
-    check_int(NAME, "chunk_size", chunk_size, 1)
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))      # [B, H, T, D]
     out = kernel_attention(elu_feature(qt), elu_feature(kt), vt, kv_mask, causal=causal,
                            chunk_size=chunk_size)

@@ -12,17 +12,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention import register
-from attention._util import check_causal, check_int, check_qkv, masked_softmax, scale
+from attention import Int, register
+from attention._util import check_causal, check_qkv, masked_softmax, scale
 
 NAME = "linformer"
-DEFAULTS = {"proj_dim": 256}
 
 
-def init_state(key, *, q_len, kv_len, num_heads, head_dim, proj_dim=256, **unused):
+def init_state(key, *, q_len, kv_len, num_heads, head_dim, proj_dim):
     """params: E, F [H, proj_dim, kv_len], normal with variance 1 / kv_len (fan-in)."""
-    del q_len, head_dim, unused
-    check_int(NAME, "proj_dim", proj_dim, 1)
+    del q_len, head_dim
     ke, kf = jax.random.split(key)
     std = 1.0 / jnp.sqrt(kv_len)
     return {
@@ -34,14 +32,14 @@ def init_state(key, *, q_len, kv_len, num_heads, head_dim, proj_dim=256, **unuse
     }
 
 
-@register(NAME, defaults=DEFAULTS, supports_causal=False, complexity="O(n)",
+@register(NAME, hparams={"proj_dim": Int(256, min=1)}, supports_causal=False,
+          complexity="O(n)",
           doc="Wang et al. 2020 (Linformer): keys/values projected along length by learned E, F",
           init_state=init_state)
-def linformer_attention(q, k, v, *, kv_mask=None, causal=False, proj_dim=256, E=None, F=None):
+def linformer_attention(q, k, v, *, kv_mask=None, causal=False, proj_dim, E=None, F=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; E, F: [H, proj_dim, >= Tk] -> [B, Tq, H, Dv]."""
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, False, q.shape[1], k.shape[1])
-    check_int(NAME, "proj_dim", proj_dim, 1)
     b, tq, h, d = q.shape
     tk = k.shape[1]
     for field, p in (("E", E), ("F", F)):

@@ -9,26 +9,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from attention import patterns, register
+from attention import Int, patterns, register
 from attention._banded import band, finish, prepare, unblock
 from attention._blocks import dropout_keys, merge, pair_mask, partial_attention
-from attention._util import check_int
 
 
 @register(
     "longformer",
-    defaults={"window": 256, "num_global": 1},
+    hparams={"window": Int(256, min=0), "num_global": Int(1, min=0)},
     supports_causal=True,
     complexity="O(n)",
     doc="Longformer: sliding window abs(i - j) <= window + num_global global tokens "
         "(Beltagy et al. 2020)",
     supports_dropout=True,
 )
-def longformer_attention(q, k, v, *, kv_mask=None, causal=False, window=256, num_global=1,
+def longformer_attention(q, k, v, *, kv_mask=None, causal=False, window, num_global,
                          dropout_rate=0.0, dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv]."""
-    check_int("longformer", "window", window, 0)
-    check_int("longformer", "num_global", num_global, 0)
     qh, kh, vh, kvm = prepare("longformer", q, k, v, kv_mask, causal)
     keep = lambda i, j: patterns.longformer(i, j, window=window, num_global=num_global)  # noqa
     keys = dropout_keys(dropout_rate, dropout_rng, 2)

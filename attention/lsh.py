@@ -20,43 +20,36 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention import _redraw, register
+from attention import Choice, Flag, Int, _redraw, register
 from attention._buckets import merge, sorted_chunk_attention
-from attention._util import check_causal, check_int, check_qkv, scale
+from attention._util import check_causal, check_qkv, scale
 
 NAME = "lsh"
-DEFAULTS = {"num_hashes": 2, "num_buckets": 32, "chunk_size": 64, "shared_qk": True,
-            "redraw": "fixed", "redraw_interval": 1}
+HPARAMS = {"num_hashes": Int(2, min=1), "num_buckets": Int(32, min=1),
+           "chunk_size": Int(64, min=1), "shared_qk": Flag(True),
+           "redraw": Choice("fixed", options=_redraw.POLICIES), "redraw_interval": Int(1, min=1)}
 
 
-def _check(num_hashes, num_buckets, chunk_size, shared_qk, redraw="fixed", redraw_interval=1):
-    _redraw.check(NAME, redraw, redraw_interval)
-    check_int(NAME, "num_hashes", num_hashes, 1)
-    check_int(NAME, "num_buckets", num_buckets, 1)
-    if num_buckets > 1 and num_buckets % 2:
-        raise ValueError(f"{NAME}: num_buckets must be 1 or even (buckets come in pairs "
-                         f"xR, -xR); got {num_buckets}")
-    check_int(NAME, "chunk_size", chunk_size, 1)
-    if not isinstance(shared_qk, bool):
-        raise ValueError(f"{NAME}: shared_qk must be True or False; got {shared_qk!r}")
+def _buckets_in_pairs(hp):
+    if hp["num_buckets"] > 1 and hp["num_buckets"] % 2:
+        return f"num_buckets must be 1 or even (buckets come in pairs xR, -xR); got " \
+               f"{hp['num_buckets']}"
+    return None
 
 
-def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_hashes=2, num_buckets=32,
-               chunk_size=64, shared_qk=True, redraw="fixed", redraw_interval=1, **unused):
+def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_hashes, num_buckets, redraw,
+               **unused):
     """buffers: rotations [num_hashes, H, D, max(num_buckets // 2, 1)], random normal; with
     redraw="step" also the redraw buffers (attention/_redraw.py)."""
     del q_len, kv_len, unused
-    _check(num_hashes, num_buckets, chunk_size, shared_qk, redraw, redraw_interval)
     shape = (num_hashes, num_heads, head_dim, max(num_buckets // 2, 1))
     rot = jax.random.normal(key, shape)
     return {"params": {}, "buffers": {"rotations": rot, **_redraw.buffers(key, redraw)}}
 
 
-def update_buffers(buffers, q, k, *, kv_mask=None, num_hashes=2, num_buckets=32,
-                   chunk_size=64, shared_qk=True, redraw="fixed", redraw_interval=1, **unused):
+def update_buffers(buffers, q, k, *, kv_mask=None, redraw, redraw_interval, **unused):
     """Training pass: with redraw="step", fresh rotations every redraw_interval passes."""
     del q, k, kv_mask, unused
-    _check(num_hashes, num_buckets, chunk_size, shared_qk, redraw, redraw_interval)
     if redraw == "fixed":
         return buffers
     shape = buffers["rotations"].shape
@@ -72,18 +65,17 @@ def _hash(x, rotations, num_buckets):
     return jnp.argmax(jnp.concatenate([xr, -xr], axis=-1), axis=-1).astype(jnp.int32)
 
 
-@register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n log n)",
+@register(NAME, hparams=HPARAMS, supports_causal=True, complexity="O(n log n)",
           doc="Kitaev et al. 2020 (Reformer): LSH buckets, sorted chunks, merged hash rounds",
-          init_state=init_state, update_buffers=update_buffers)
-def lsh_attention(q, k, v, *, kv_mask=None, causal=False, num_hashes=2, num_buckets=32,
-                  chunk_size=64, shared_qk=True, redraw="fixed", redraw_interval=1,
-                  rotations=None, redraw_key=None, redraw_count=None):
+          init_state=init_state, update_buffers=update_buffers, constraint=_buckets_in_pairs)
+def lsh_attention(q, k, v, *, kv_mask=None, causal=False, num_hashes, num_buckets, chunk_size,
+                  shared_qk, redraw, redraw_interval, rotations=None, redraw_key=None,
+                  redraw_count=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; rotations [R, H, D, nb/2] -> [B, Tq, H, Dv].
-    redraw_key, redraw_count: the redraw policy's buffers (read by update_buffers only)."""
-    del redraw_key, redraw_count
+    redraw, redraw_interval, redraw_key, redraw_count: the redraw policy (update_buffers's)."""
+    del redraw, redraw_interval, redraw_key, redraw_count
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
-    _check(num_hashes, num_buckets, chunk_size, shared_qk, redraw, redraw_interval)
     if rotations is None:
         raise ValueError(f"{NAME}: rotations (from init_state) are required")
     b, tq, h, d = q.shape

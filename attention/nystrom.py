@@ -15,23 +15,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention import register
-from attention._util import check_causal, check_int, check_qkv, masked_softmax, scale
+from attention import Int, register
+from attention._util import check_causal, check_qkv, masked_softmax, scale
 
 NAME = "nystrom"
-DEFAULTS = {"num_landmarks": 64, "pinv_iters": 6}
-
-
-def _check(num_landmarks, pinv_iters):
-    check_int(NAME, "num_landmarks", num_landmarks, 1)
-    check_int(NAME, "pinv_iters", pinv_iters, 1)
-
-
-def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_landmarks=64, pinv_iters=6,
-               **unused):
-    del key, q_len, kv_len, num_heads, head_dim, unused
-    _check(num_landmarks, pinv_iters)
-    return {"params": {}, "buffers": {}}
 
 
 def _landmarks(x, real, m):
@@ -57,14 +44,13 @@ def pinv(a, iters: int):
     return z
 
 
-@register(NAME, defaults=DEFAULTS, supports_causal=False, complexity="O(n)",
-          doc="Xiong et al. 2021 (Nystromformer): segment-mean landmarks, iterative pinv",
-          init_state=init_state)
-def nystrom_attention(q, k, v, *, kv_mask=None, causal=False, num_landmarks=64, pinv_iters=6):
+@register(NAME, hparams={"num_landmarks": Int(64, min=1), "pinv_iters": Int(6, min=1)},
+          supports_causal=False, complexity="O(n)",
+          doc="Xiong et al. 2021 (Nystromformer): segment-mean landmarks, iterative pinv")
+def nystrom_attention(q, k, v, *, kv_mask=None, causal=False, num_landmarks, pinv_iters):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D] -> [B, Tq, H, Dv]."""
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, False, q.shape[1], k.shape[1])
-    _check(num_landmarks, pinv_iters)
     b, tq, h, d = q.shape
     tk = k.shape[1]
     m = num_landmarks

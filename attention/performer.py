@@ -25,30 +25,25 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention import _redraw, register
+from attention import Choice, Int, _redraw, register
 from attention._linearized import kernel_attention
-from attention._util import check_causal, check_int, check_qkv
+from attention._util import check_causal, check_qkv
 
 NAME = "performer"
 FEATURE_MAPS = ("favor+", "relu", "exp")
-DEFAULTS = {"num_features": 256, "feature_map": "favor+", "chunk_size": 64, "redraw": "fixed",
-            "redraw_interval": 1000}
+HPARAMS = {"num_features": Int(256, min=1), "feature_map": Choice("favor+", options=FEATURE_MAPS),
+           "chunk_size": Int(64, min=1), "redraw": Choice("fixed", options=_redraw.POLICIES),
+           "redraw_interval": Int(1000, min=1)}
 # Added to the stabilised exponential features (queries and keys), as the reference's
 # numerical_stabilizer: keeps every real query's denominator >= 1e-6 * (its max feature = 1).
 NUMERICAL_STABILIZER = 1e-6
 
 
-def _check(num_features, feature_map, chunk_size, redraw="fixed", redraw_interval=1000):
-    check_int(NAME, "num_features", num_features, 1)
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"{NAME}: feature_map must be one of {FEATURE_MAPS}; got "
-                         f"{feature_map!r}")
-    check_int(NAME, "chunk_size", chunk_size, 1)
-    _redraw.check(NAME, redraw, redraw_interval)
-    if redraw != "fixed" and feature_map == "exp":
-        raise ValueError(f"{NAME}: redraw={redraw!r} needs random features (feature_map "
-                         f"'favor+' or 'relu'); feature_map='exp' learns its projection, use "
-                         f"redraw='fixed'")
+def _redraw_needs_random_features(hp):
+    if hp["redraw"] != "fixed" and hp["feature_map"] == "exp":
+        return (f"redraw={hp['redraw']!r} needs random features (feature_map 'favor+' or "
+                f"'relu'); feature_map='exp' learns its projection, use redraw='fixed'")
+    return None
 
 
 def orthogonal_features(key, num_features: int, dim: int):
@@ -65,25 +60,22 @@ def orthogonal_features(key, num_features: int, dim: int):
     return w * norms[:, None]
 
 
-def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_features=256,
-               feature_map="favor+", chunk_size=64, redraw="fixed", redraw_interval=1000,
+def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_features, feature_map, redraw,
                **unused):
     """projection [num_features, D]: a buffer, or a param with feature_map="exp"; with
     redraw="step" also the redraw buffers (attention/_redraw.py)."""
     del q_len, kv_len, num_heads, unused
-    _check(num_features, feature_map, chunk_size, redraw, redraw_interval)
     w = orthogonal_features(key, num_features, head_dim)
     if feature_map == "exp":
         return {"params": {"projection": w}, "buffers": {}}
     return {"params": {}, "buffers": {"projection": w, **_redraw.buffers(key, redraw)}}
 
 
-def update_buffers(buffers, q, k, *, kv_mask=None, num_features=256, feature_map="favor+",
-                   chunk_size=64, redraw="fixed", redraw_interval=1000, **unused):
+def update_buffers(buffers, q, k, *, kv_mask=None, num_features, redraw, redraw_interval,
+                   **unused):
     """Training pass: with redraw="step", a fresh orthogonal projection every redraw_interval
     passes; "fixed" (or the learned "exp" map) changes nothing."""
     del q, kv_mask, unused
-    _check(num_features, feature_map, chunk_size, redraw, redraw_interval)
     if redraw == "fixed":
         return buffers
     return _redraw.step(buffers, "projection", redraw_interval,
@@ -105,19 +97,18 @@ def query_features(x, w):
         + NUMERICAL_STABILIZER
 
 
-@register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n)",
+@register(NAME, hparams=HPARAMS, supports_causal=True, complexity="O(n)",
           doc="Choromanski et al. 2021 (Performer): FAVOR+ positive orthogonal random features",
-          init_state=init_state, update_buffers=update_buffers)
-def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features=256,
-                        feature_map="favor+", chunk_size=64, redraw="fixed",
-                        redraw_interval=1000, projection=None, redraw_key=None,
+          init_state=init_state, update_buffers=update_buffers,
+          constraint=_redraw_needs_random_features)
+def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features, feature_map,
+                        chunk_size, redraw, redraw_interval, projection=None, redraw_key=None,
                         redraw_count=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; projection [M, D] -> [B, Tq, H, Dv].
-    redraw_key, redraw_count: the redraw policy's buffers (read by update_buffers only)."""
-    del redraw_key, redraw_count
+    redraw, redraw_interval, redraw_key, redraw_count: the redraw policy (update_buffers's)."""
+    del redraw, redraw_interval, redraw_key, redraw_count
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
-    _check(num_features, feature_map, chunk_size, redraw, redraw_interval)
     d = q.shape[-1]
     if projection is None or tuple(projection.shape) != (num_features, d):
         raise ValueError(f"{NAME}: projection [num_features, head_dim] = {(num_features, d)} "

@@ -21,27 +21,19 @@ given to init_state, so the count is fixed per model and padding still changes n
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from attention import register
-import math
-
+from attention import Float, Int, register
 from attention._buckets import attend, sorted_chunk_attention
-from attention._util import (
-    NEG_INF, check_causal, check_float, check_int, check_qkv, int_or_sqrt, scale)
+from attention._util import NEG_INF, check_causal, check_qkv, or_sqrt, scale
 from attention.local import local_attention
 
 NAME = "routing"
-DEFAULTS = {"num_clusters": 8, "ema_decay": 0.999, "local_head_fraction": 0.5,
-            "local_window": 32}
-
-
-def _check(num_clusters, ema_decay, local_head_fraction, local_window):
-    int_or_sqrt(NAME, "num_clusters", num_clusters, 1)
-    check_float(NAME, "ema_decay", ema_decay, 0.0, 1.0)
-    check_float(NAME, "local_head_fraction", local_head_fraction, 0.0, 1.0)
-    check_int(NAME, "local_window", local_window, 0)
+HPARAMS = {"num_clusters": Int(8, min=1, sqrt=True), "ema_decay": Float(0.999, lo=0.0, hi=1.0),
+           "local_head_fraction": Float(0.5, lo=0.0, hi=1.0), "local_window": Int(32, min=0)}
 
 
 def num_local_heads(num_heads: int, local_head_fraction: float) -> int:
@@ -54,24 +46,20 @@ def _unit(x):
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
 
-def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_clusters=8, ema_decay=0.999,
-               local_head_fraction=0.5, local_window=32, **unused):
+def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_clusters, **unused):
     """buffers: centroids [H, num_clusters, D], random unit vectors ("sqrt": ceil(sqrt(max
     length)) of them; the centroids' count is then the cluster count)."""
     del unused
-    _check(num_clusters, ema_decay, local_head_fraction, local_window)
-    kc = int_or_sqrt(NAME, "num_clusters", num_clusters, 1, max(q_len, kv_len))
+    kc = or_sqrt(num_clusters, max(q_len, kv_len))
     c = _unit(jax.random.normal(key, (num_heads, kc, head_dim)))
     return {"params": {}, "buffers": {"centroids": c}}
 
 
-def update_buffers(buffers, q, k, *, kv_mask=None, num_clusters=8, ema_decay=0.999,
-                   local_head_fraction=0.5, local_window=32, **unused):
+def update_buffers(buffers, q, k, *, kv_mask=None, ema_decay, local_head_fraction, **unused):
     """One mini-batch k-means step: each centroid moves toward the mean of the real unit
     queries and keys nearest to it, mu <- decay * mu + (1 - decay) * mean, then renormalised.
     A centroid with no assigned vector, and every centroid of a local head, stays where it is."""
     del unused
-    _check(num_clusters, ema_decay, local_head_fraction, local_window)
     num_clusters = buffers["centroids"].shape[1]
     mu = buffers["centroids"].astype(jnp.float32)                 # [H, K, D]
     x = jnp.concatenate([_unit(q), _unit(k)], axis=1)             # [B, Tq + Tk, H, D]
@@ -91,15 +79,15 @@ def update_buffers(buffers, q, k, *, kv_mask=None, num_clusters=8, ema_decay=0.9
     return {**buffers, "centroids": new}
 
 
-@register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n^2/s)",
+@register(NAME, hparams=HPARAMS, supports_causal=True, complexity="O(n^2/s)",
           doc="Roy et al. 2021 (Routing Transformer): k-means routed, balanced clusters",
           init_state=init_state, update_buffers=update_buffers)
-def routing_attention(q, k, v, *, kv_mask=None, causal=False, num_clusters=8, ema_decay=0.999,
-                      local_head_fraction=0.5, local_window=32, centroids=None):
+def routing_attention(q, k, v, *, kv_mask=None, causal=False, num_clusters, ema_decay,
+                      local_head_fraction, local_window, centroids=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; centroids [H, K, D] -> [B, Tq, H, Dv]."""
+    del ema_decay  # update_buffers's
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
-    _check(num_clusters, ema_decay, local_head_fraction, local_window)
     h, d = q.shape[2], q.shape[3]
     if (centroids is None or centroids.ndim != 3 or centroids.shape[0] != h
             or centroids.shape[2] != d

@@ -23,27 +23,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention import register
+from attention import Float, Int, register
 from attention._buckets import attend
-from attention._util import (
-    NEG_INF, check_causal, check_float, check_int, check_qkv, int_or_sqrt, scale, sqrt_size)
+from attention._util import NEG_INF, check_causal, check_qkv, scale, sqrt_size
 
 NAME = "sinkhorn"
-DEFAULTS = {"block_size": 64, "sinkhorn_iters": 5, "temperature": 0.75}
+HPARAMS = {"block_size": Int(64, min=1, sqrt=True), "sinkhorn_iters": Int(5, min=1),
+           "temperature": Float(0.75, lo=1e-6, hi=1e6)}
 
 
-def _check(block_size, sinkhorn_iters, temperature):
-    int_or_sqrt(NAME, "block_size", block_size, 1)
-    check_int(NAME, "sinkhorn_iters", sinkhorn_iters, 1)
-    check_float(NAME, "temperature", temperature, 1e-6, 1e6)
-
-
-def init_state(key, *, q_len, kv_len, num_heads, head_dim, block_size=64, sinkhorn_iters=5,
-               temperature=0.75, **unused):
+def init_state(key, *, q_len, kv_len, num_heads, head_dim, block_size, **unused):
     """params: sort net sort_w1 [H, D, D], sort_b1 [H, D], sort_w2 [H, D, max blocks]
     (block_size="sqrt": ceil(sqrt(max length)) blocks of that size)."""
     del unused
-    _check(block_size, sinkhorn_iters, temperature)
     length = max(q_len, kv_len)
     max_blocks = sqrt_size(length) if block_size == "sqrt" else -(-length // block_size)
     k1, k2 = jax.random.split(key)
@@ -78,15 +70,14 @@ def sinkhorn(logits, mask, iters: int, rows_only: bool = False):
     return jnp.where(mask, jnp.exp(x), 0.0)
 
 
-@register(NAME, defaults=DEFAULTS, supports_causal=True, complexity="O(n^2/s)",
+@register(NAME, hparams=HPARAMS, supports_causal=True, complexity="O(n^2/s)",
           doc="Tay et al. 2020 (Sparse Sinkhorn): blocks + learned Sinkhorn-sorted block",
           init_state=init_state)
-def sinkhorn_attention(q, k, v, *, kv_mask=None, causal=False, block_size=64, sinkhorn_iters=5,
-                       temperature=0.75, sort_w1=None, sort_b1=None, sort_w2=None):
+def sinkhorn_attention(q, k, v, *, kv_mask=None, causal=False, block_size, sinkhorn_iters,
+                       temperature, sort_w1=None, sort_b1=None, sort_w2=None):
     """q, k, v: [B, T, H, D]; sort net params from init_state -> [B, T, H, Dv]."""
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
-    _check(block_size, sinkhorn_iters, temperature)
     b, t, h, d = q.shape
     if k.shape[1] != t:
         raise ValueError(f"{NAME}: query and key blocks align, so q_len must equal kv_len; "

@@ -12,32 +12,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from attention import patterns, register
+from attention import Int, patterns, register
 from attention._banded import band, finish, prepare, strided_part, unblock
 from attention._blocks import (
     dropout_keys, merge, merge_axes, pad_axis, pair_mask, partial_attention, round_up,
     to_blocks)
-from attention._util import check_int, check_qkv, int_or_sqrt
+from attention._util import check_qkv, or_sqrt
 
 
 @register(
     "sparse",
-    defaults={"window": 32, "stride": 64},
+    hparams={"window": Int(32, min=0, sqrt=True), "stride": Int(64, min=1, sqrt=True)},
     supports_causal=True,
     complexity="O(n^2/s)",
     doc="Sparse Transformer strided pattern: local window | (i - j) mod stride == 0 in one "
         "softmax (Child et al. 2019)",
     supports_dropout=True,
 )
-def sparse_attention(q, k, v, *, kv_mask=None, causal=False, window=32, stride=64,
+def sparse_attention(q, k, v, *, kv_mask=None, causal=False, window, stride,
                      dropout_rate=0.0, dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv].
     window / stride "sqrt": ceil(sqrt(n)), n = max(Tq, Tk) (the padded length): Child et al.'s
     l = sqrt(n), O(n sqrt n)."""
     check_qkv("sparse", q, k, v, kv_mask)
     n = max(q.shape[1], k.shape[1])
-    window = int_or_sqrt("sparse", "window", window, 0, n)
-    stride = int_or_sqrt("sparse", "stride", stride, 1, n)
+    window, stride = or_sqrt(window, n), or_sqrt(stride, n)
     qh, kh, vh, kvm = prepare("sparse", q, k, v, kv_mask, causal)
     keys = dropout_keys(dropout_rate, dropout_rng, 2)
     local = lambda i, j: patterns.local(i, j, window=window)  # noqa: E731
@@ -55,23 +54,25 @@ def sparse_attention(q, k, v, *, kv_mask=None, causal=False, window=32, stride=6
     return finish(out, q.shape[1], v.dtype)
 
 
+def _summary_in_block(block_size, summary):
+    if summary > block_size:
+        return f"summary must be <= block_size ({block_size}); got {summary}"
+    return None
+
+
 @register(
     "sparse_fixed",
-    defaults={"block_size": 128, "summary": 32},
+    hparams={"block_size": Int(128, min=1), "summary": Int(32, min=0)},
     supports_causal=True,
     complexity="O(n^2/s)",
     doc="Sparse Transformer fixed pattern: own block | last `summary` positions of every "
         "block (Child et al. 2019)",
     supports_dropout=True,
+    constraint=lambda hp: _summary_in_block(**hp),
 )
-def sparse_fixed_attention(q, k, v, *, kv_mask=None, causal=False, block_size=128, summary=32,
+def sparse_fixed_attention(q, k, v, *, kv_mask=None, causal=False, block_size, summary,
                            dropout_rate=0.0, dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv]."""
-    check_int("sparse_fixed", "block_size", block_size, 1)
-    check_int("sparse_fixed", "summary", summary, 0)
-    if summary > block_size:
-        raise ValueError(f"sparse_fixed: summary must be <= block_size ({block_size}); "
-                         f"got {summary}")
     qh, kh, vh, kvm = prepare("sparse_fixed", q, k, v, kv_mask, causal)
     b = block_size
     keep = lambda i, j: patterns.sparse_fixed(i, j, block_size=b, summary=summary)  # noqa: E731

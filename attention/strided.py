@@ -5,27 +5,27 @@ attention within groups, O(n^2 / stride).
 
 from __future__ import annotations
 
-from attention import patterns, register
+from attention import Int, patterns, register
 from attention._banded import finish, prepare, strided_part
 from attention._blocks import merge
-from attention._util import check_qkv, int_or_sqrt
+from attention._util import check_qkv, or_sqrt
 
 
 @register(
     "strided",
-    defaults={"stride": 64},
+    hparams={"stride": Int(64, min=1, sqrt=True)},
     supports_causal=True,
     complexity="O(n^2/s)",
     doc="Strided (atrous) attention (i - j) mod stride == 0 by residue-class reshape "
         "(Child et al. 2019)",
     supports_dropout=True,
 )
-def strided_attention(q, k, v, *, kv_mask=None, causal=False, stride=64, dropout_rate=0.0,
+def strided_attention(q, k, v, *, kv_mask=None, causal=False, stride, dropout_rate=0.0,
                       dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv].
     stride="sqrt": ceil(sqrt(n)), n = max(Tq, Tk) (the padded length)."""
     check_qkv("strided", q, k, v, kv_mask)
-    stride = int_or_sqrt("strided", "stride", stride, 1, max(q.shape[1], k.shape[1]))
+    stride = or_sqrt(stride, max(q.shape[1], k.shape[1]))
     qh, kh, vh, kvm = prepare("strided", q, k, v, kv_mask, causal)
     keep = lambda i, j: patterns.strided(i, j, stride=stride)  # noqa: E731
     part = strided_part(qh, kh, vh, kvm, stride=stride, keep=keep, causal=causal,

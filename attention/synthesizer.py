@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention import register
-from attention._util import check_causal, check_int, check_qkv, masked_softmax
+from attention import Flag, Int, register
+from attention._util import check_causal, check_qkv, masked_softmax
 
 
 def _mask(b, tq, tk, kv_mask, causal):
@@ -37,10 +37,9 @@ def _length(name, field, p, axis, needed):
 DENSE = "synthesizer_dense"
 
 
-def init_dense(key, *, q_len, kv_len, num_heads, head_dim, hidden_dim=64, **unused):
+def init_dense(key, *, q_len, kv_len, num_heads, head_dim, hidden_dim):
     """params: w1 [H, D, hidden], b1 [H, hidden], w2 [H, hidden, kv_len], b2 [H, kv_len]."""
-    del q_len, unused
-    check_int(DENSE, "hidden_dim", hidden_dim, 1)
+    del q_len
     k1, k2 = jax.random.split(key)
     return {
         "params": {
@@ -53,15 +52,15 @@ def init_dense(key, *, q_len, kv_len, num_heads, head_dim, hidden_dim=64, **unus
     }
 
 
-@register(DENSE, defaults={"hidden_dim": 64}, supports_causal=True, complexity="O(n^2)",
+@register(DENSE, hparams={"hidden_dim": Int(64, min=1)}, supports_causal=True,
+          complexity="O(n^2)",
           doc="Tay et al. 2021 (Synthesizer, dense): logits from an MLP of each query token",
           init_state=init_dense)
-def synthesizer_dense(q, k, v, *, kv_mask=None, causal=False, hidden_dim=64, w1=None, b1=None,
+def synthesizer_dense(q, k, v, *, kv_mask=None, causal=False, hidden_dim, w1=None, b1=None,
                       w2=None, b2=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D] (k unused) -> [B, Tq, H, Dv]."""
     check_qkv(DENSE, q, k, v, kv_mask)
     check_causal(DENSE, causal, True, q.shape[1], k.shape[1])
-    check_int(DENSE, "hidden_dim", hidden_dim, 1)
     b, tq, h, d = q.shape
     tk = k.shape[1]
     if w1 is None or b1 is None or w2 is None or b2 is None:
@@ -82,18 +81,10 @@ def synthesizer_dense(q, k, v, *, kv_mask=None, causal=False, hidden_dim=64, w1=
 RANDOM = "synthesizer_random"
 
 
-def _check_random(trainable, factorized_rank):
-    if not isinstance(trainable, bool):
-        raise ValueError(f"{RANDOM}: trainable must be True or False; got {trainable!r}")
-    check_int(RANDOM, "factorized_rank", factorized_rank, 0)
-
-
-def init_random(key, *, q_len, kv_len, num_heads, head_dim, trainable=True, factorized_rank=0,
-                **unused):
+def init_random(key, *, q_len, kv_len, num_heads, head_dim, trainable, factorized_rank):
     """logits [H, q_len, kv_len], or factor_q [H, q_len, r] and factor_k [H, kv_len, r];
     params when trainable, buffers otherwise."""
-    del head_dim, unused
-    _check_random(trainable, factorized_rank)
+    del head_dim
     r = factorized_rank
     if r == 0:
         arrays = {"logits": jax.random.normal(key, (num_heads, q_len, kv_len))}
@@ -104,16 +95,15 @@ def init_random(key, *, q_len, kv_len, num_heads, head_dim, trainable=True, fact
     return {"params": arrays, "buffers": {}} if trainable else {"params": {}, "buffers": arrays}
 
 
-@register(RANDOM, defaults={"trainable": True, "factorized_rank": 0}, supports_causal=True,
-          complexity="O(n^2)",
+@register(RANDOM, hparams={"trainable": Flag(True), "factorized_rank": Int(0, min=0)},
+          supports_causal=True, complexity="O(n^2)",
           doc="Tay et al. 2021 (Synthesizer, random): learned or fixed per-head logit matrix",
           init_state=init_random)
-def synthesizer_random(q, k, v, *, kv_mask=None, causal=False, trainable=True,
-                       factorized_rank=0, logits=None, factor_q=None, factor_k=None):
+def synthesizer_random(q, k, v, *, kv_mask=None, causal=False, trainable, factorized_rank,
+                       logits=None, factor_q=None, factor_k=None):
     """q: [B, Tq, H, D] (shape only); k, v: [B, Tk, H, D] -> [B, Tq, H, Dv]."""
     check_qkv(RANDOM, q, k, v, kv_mask)
     check_causal(RANDOM, causal, True, q.shape[1], k.shape[1])
-    _check_random(trainable, factorized_rank)
     b, tq, h, _ = q.shape
     tk = k.shape[1]
     if factorized_rank == 0:

@@ -25,7 +25,7 @@ class AttentionBuffer(nnx.Variable):
 def layer_hparams(name: str, overrides: Mapping[str, Any], *, layer_index: int,
                   grid_shape=None, num_prefix: int = 0) -> dict:
     """The variant's hyperparameters for one layer: defaults, config values, and what its
-    registry record asks the model to supply (Variant.model_supplies)."""
+    registry record asks the model to supply (Variant.model_supplies), checked together."""
     hp = attention.hparams_for(name, overrides)
     facts = {"grid_shape": None if grid_shape is None else tuple(int(s) for s in grid_shape),
              "num_prefix": num_prefix, "layer_parity": layer_index % 2}
@@ -35,18 +35,7 @@ def layer_hparams(name: str, overrides: Mapping[str, Any], *, layer_index: int,
                 f"attention variant {name!r} needs a 2D grid (hyperparameter {key!r}), but the "
                 f"task has none; use it on image-like tasks (image, pathfinder, pathx)")
         hp[key] = facts[fact]
-    return hp
-
-
-def attend(name: str, impl: str, q, k, v, *, kv_mask, causal: bool, **kwargs):
-    """The variant on the whole sequence, or with its length split over the devices of the
-    mesh's "seq" axis when the loop set such a mesh (train.seq_shards > 1; the variant's
-    context-parallel form, attention/context_parallel.py)."""
-    if context_parallel.seq_shards() > 1:
-        return context_parallel.attend(name, q, k, v, kv_mask=kv_mask, causal=causal,
-                                       impl=impl, **kwargs)
-    return attention.implementation(name, impl)(q, k, v, kv_mask=kv_mask, causal=causal,
-                                                **kwargs)
+    return attention.hparams_for(name, hp)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -59,7 +48,6 @@ class MultiHeadAttention(nnx.Module):
         self.num_heads = num_heads
         self.head_dim = qkv_dim // num_heads
         self.attention_name = attention_name
-        self.impl = impl
         self.hparams = dict(hparams)
         self.dropout_rate = dropout_rate
         self.variant = attention.get(attention_name)
@@ -69,7 +57,8 @@ class MultiHeadAttention(nnx.Module):
                 f"causal model needs one that does: "
                 f"{', '.join(n for n in attention.names() if attention.get(n).supports_causal)})")
         self.causal = causal
-        attention.implementation(attention_name, impl)  # unknown impl: ValueError now
+        self.impl = attention.resolve_impl(attention_name, impl)  # "auto" decided here
+        self.attention_fn = attention.implementation(attention_name, self.impl)
         if dropout_rate > 0 and not self.variant.supports_dropout:
             warnings.warn(f"attention variant {attention_name!r} has no dropout on attention "
                           f"weights; attention_dropout_rate={dropout_rate} is not applied",
@@ -100,8 +89,11 @@ class MultiHeadAttention(nnx.Module):
         kwargs.update(buffers)
         if train and self.dropout_rate > 0 and self.variant.supports_dropout and rngs is not None:
             kwargs.update(dropout_rate=self.dropout_rate, dropout_rng=rngs.dropout())
-        y = attend(self.attention_name, self.impl, q, k, v, kv_mask=mask, causal=self.causal,
-                   **kwargs)  # [B, T, H, Dv]
+        if context_parallel.seq_shards() > 1:  # the length split over the mesh's "seq" axis
+            y = context_parallel.attend(self.attention_name, q, k, v, kv_mask=mask,
+                                        causal=self.causal, impl=self.impl, **kwargs)
+        else:
+            y = self.attention_fn(q, k, v, kv_mask=mask, causal=self.causal, **kwargs)
         if train and self.variant.update_buffers is not None:
             new = self.variant.update_buffers(
                 buffers, jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), kv_mask=mask,

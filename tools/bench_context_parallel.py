@@ -38,7 +38,7 @@ def cost(name: str, n: int, shards: int, causal: bool) -> dict:
     from attention import context_parallel as cp
 
     mesh = Mesh(np.asarray(jax.devices()[:shards]).reshape(1, shards), ("data", "seq"))
-    hp = dict(attention.get(name).defaults)
+    hp = attention.hparams_for(name)
 
     def step(q, k, v, ct):
         def loss(q, k, v):

@@ -95,7 +95,7 @@ def picture_hparams(name: str, length: int, overrides: dict | None = None) -> di
     for k, v in (overrides or {}).items():
         if k in hp:
             hp[k] = v
-    return hp
+    return attention.hparams_for(name, hp)
 
 
 def picture_setup(name: str, length: int = PICTURE_LENGTH, overrides: dict | None = None,

@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attention import register_pallas
-from attention._util import check_causal, check_int, check_qkv, int_or_sqrt
+from attention._util import check_causal, check_int, check_qkv, or_sqrt
 from attention.pallas import block_mask as bm
 
 LOG2E = math.log2(math.e)
@@ -482,28 +482,27 @@ def local_attention(q, k, v, *, kv_mask=None, causal=False, window, dropout_rate
 
 
 @register_pallas("strided")
-def strided_attention(q, k, v, *, kv_mask=None, causal=False, stride=64, dropout_rate=0.0,
+def strided_attention(q, k, v, *, kv_mask=None, causal=False, stride, dropout_rate=0.0,
                       dropout_rng=None, block_q=None, block_k=None, interpret=None):
     """(i - j) mod stride == 0. Every tile holds such a pair once stride <= block size, so the
     kernel saves nothing over dense there; it pays off for strides beyond the tile sizes.
     stride="sqrt": ceil(sqrt(max(Tq, Tk))), as the XLA variant."""
     check_qkv("strided", q, k, v, kv_mask)
-    stride = int_or_sqrt("strided", "stride", stride, 1, max(q.shape[1], k.shape[1]))
+    stride = or_sqrt(stride, max(q.shape[1], k.shape[1]))
     return _attend("strided", q, k, v, kv_mask=kv_mask, causal=causal, pattern="strided",
                    hparams=dict(stride=stride), block_q=block_q, block_k=block_k,
                    interpret=interpret, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
 @register_pallas("sparse")
-def sparse_attention(q, k, v, *, kv_mask=None, causal=False, window=32, stride=64,
+def sparse_attention(q, k, v, *, kv_mask=None, causal=False, window, stride,
                      dropout_rate=0.0, dropout_rng=None, block_q=None, block_k=None,
                      interpret=None):
     """abs(i - j) <= window or (i - j) mod stride == 0, in one softmax ("sqrt": as the XLA
     variant)."""
     check_qkv("sparse", q, k, v, kv_mask)
     n = max(q.shape[1], k.shape[1])
-    window = int_or_sqrt("sparse", "window", window, 0, n)
-    stride = int_or_sqrt("sparse", "stride", stride, 1, n)
+    window, stride = or_sqrt(window, n), or_sqrt(stride, n)
     return _attend("sparse", q, k, v, kv_mask=kv_mask, causal=causal, pattern="sparse",
                    hparams=dict(window=window, stride=stride), block_q=block_q,
                    block_k=block_k, interpret=interpret, dropout_rate=dropout_rate,
@@ -511,15 +510,10 @@ def sparse_attention(q, k, v, *, kv_mask=None, causal=False, window=32, stride=6
 
 
 @register_pallas("sparse_fixed")
-def sparse_fixed_attention(q, k, v, *, kv_mask=None, causal=False, block_size=128, summary=32,
+def sparse_fixed_attention(q, k, v, *, kv_mask=None, causal=False, block_size, summary,
                            dropout_rate=0.0, dropout_rng=None, block_q=None, block_k=None,
                            interpret=None):
     """Own block of block_size, or j among the last `summary` positions of its block."""
-    check_int("sparse_fixed", "block_size", block_size, 1)
-    check_int("sparse_fixed", "summary", summary, 0)
-    if summary > block_size:
-        raise ValueError(f"sparse_fixed: summary must be <= block_size ({block_size}); "
-                         f"got {summary}")
     return _attend("sparse_fixed", q, k, v, kv_mask=kv_mask, causal=causal,
                    pattern="sparse_fixed", hparams=dict(block_size=block_size, summary=summary),
                    block_q=block_q, block_k=block_k, interpret=interpret,
@@ -527,12 +521,10 @@ def sparse_fixed_attention(q, k, v, *, kv_mask=None, causal=False, block_size=12
 
 
 @register_pallas("longformer")
-def longformer_attention(q, k, v, *, kv_mask=None, causal=False, window=256, num_global=1,
+def longformer_attention(q, k, v, *, kv_mask=None, causal=False, window, num_global,
                          dropout_rate=0.0, dropout_rng=None, block_q=None, block_k=None,
                          interpret=None):
     """abs(i - j) <= window, or i or j among the first num_global positions."""
-    check_int("longformer", "window", window, 0)
-    check_int("longformer", "num_global", num_global, 0)
     return _attend("longformer", q, k, v, kv_mask=kv_mask, causal=causal, pattern="longformer",
                    hparams=dict(window=window, num_global=num_global), block_q=block_q,
                    block_k=block_k, interpret=interpret, dropout_rate=dropout_rate,
@@ -540,15 +532,12 @@ def longformer_attention(q, k, v, *, kv_mask=None, causal=False, window=256, num
 
 
 @register_pallas("bigbird")
-def bigbird_attention(q, k, v, *, kv_mask=None, causal=False, block_size=64,
-                      num_window_blocks=3, num_global_blocks=2, num_random_blocks=3,
-                      random_layout=None, dropout_rate=0.0, dropout_rng=None, block_q=None,
-                      block_k=None, interpret=None):
+def bigbird_attention(q, k, v, *, kv_mask=None, causal=False, block_size, num_window_blocks,
+                      num_global_blocks, num_random_blocks, random_layout=None,
+                      dropout_rate=0.0, dropout_rng=None, block_q=None, block_k=None,
+                      interpret=None):
     """Window, global and random blocks (per-head layout); kernel tiles divide block_size, so
     the lists come from the block-level predicate on the (possibly traced) layout."""
-    from attention import bigbird as xla
-
-    xla._check_hparams(block_size, num_window_blocks, num_global_blocks, num_random_blocks)
     heads, r = q.shape[2], num_random_blocks
     nb = -(-max(q.shape[1], k.shape[1]) // block_size)
     if r == 0:

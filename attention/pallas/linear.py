@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attention import register_pallas
-from attention._util import NEG_INF, check_causal, check_int, check_qkv
+from attention._util import NEG_INF, check_causal, check_qkv
 from attention.pallas.block_sparse import _pad_axis, _pow2_at_least, pick_block, resolve_interpret
 
 
@@ -390,12 +390,12 @@ def _prepare(name, q, k, v, kv_mask, causal, interpret):
 
 
 @register_pallas("linear")
-def linear_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size=64, block_t=None,
+def linear_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size, block_t=None,
                      interpret=None):
     """elu(x) + 1 features; chunk_size is the XLA scan's chunk, the kernel's is block_t."""
     from attention.linear import elu_feature
 
-    check_int("linear", "chunk_size", chunk_size, 1)
+    del chunk_size
     interpret = _prepare("linear", q, k, v, kv_mask, causal, interpret)
     out = kernel_attention(elu_feature(q), elu_feature(k), v, kv_mask, causal=causal,
                            block_t=block_t, interpret=interpret)
@@ -403,16 +403,14 @@ def linear_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size=64, bloc
 
 
 @register_pallas("performer")
-def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features=256,
-                        feature_map="favor+", chunk_size=64, redraw="fixed",
-                        redraw_interval=1000, projection=None, redraw_key=None,
+def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features, feature_map,
+                        chunk_size, redraw, redraw_interval, projection=None, redraw_key=None,
                         redraw_count=None, block_t=None, interpret=None):
     """FAVOR+ / relu / exp features from attention/performer.py, chunked in Pallas."""
     from attention import performer as xla
 
-    del redraw_key, redraw_count  # the redraw policy's buffers (update_buffers reads them)
+    del chunk_size, redraw, redraw_interval, redraw_key, redraw_count  # XLA's, update_buffers's
     interpret = _prepare("performer", q, k, v, kv_mask, causal, interpret)
-    xla._check(num_features, feature_map, chunk_size, redraw, redraw_interval)
     d = q.shape[-1]
     if projection is None or tuple(projection.shape) != (num_features, d):
         raise ValueError(f"performer: projection [num_features, head_dim] = {(num_features, d)} "

@@ -21,6 +21,8 @@ together.
 """
 
 import functools
+import inspect
+import math
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +152,50 @@ def _run_checks(name, checks):
 
 def test_every_variant_has_a_case():
     assert set(attention.VARIANTS) - set(CASES) == set()
+
+
+# Keywords of the contract (and of the Pallas kernels' tiles) that are no hyperparameters; their
+# defaults are the contract's. State arrays default to None (init_state gives them).
+CONTRACT = {"kv_mask": None, "causal": False, "dropout_rate": 0.0, "dropout_rng": None}
+
+
+def _out_of_range(hp):
+    """Values that an Int / Float / Choice declaration must refuse."""
+    if isinstance(hp, attention.Int):
+        return [hp.min - 1, hp.min + 0.5] + ([hp.max + 1] if hp.max is not None else [])
+    if isinstance(hp, attention.Float):
+        return [x for x in (hp.lo - 1, hp.hi + 1) if math.isfinite(x)] + ["many"]
+    if isinstance(hp, attention.Choice):
+        return ["not an option"]
+    return []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hyperparameters_are_declared_once(name):
+    """Every hyperparameter is an Hp of the registry record; the XLA and Pallas functions,
+    init_state and update_buffers take it without a default (no second copy to drift), and the
+    registry refuses values out of its range, naming variant and field (no compile)."""
+    variant = attention.get(name)
+    functions = {"fn": variant.fn, "init_state": variant.make_state,
+                 "pallas": attention.PALLAS.get(name), "update_buffers": variant.update_buffers}
+    for what, fn in functions.items():
+        if fn is None:
+            continue
+        params = inspect.signature(fn).parameters
+        for p in params.values():
+            if p.name in variant.hparams:
+                assert p.default is p.empty, f"{name}: {what} gives {p.name} a default"
+            elif p.kind == p.KEYWORD_ONLY and what in ("fn", "pallas"):
+                assert p.default is not p.empty, f"{name}: {what} needs undeclared {p.name}"
+                assert CONTRACT.get(p.name, None) == p.default, \
+                    f"{name}: {what}'s keyword {p.name}={p.default!r} is not declared as an Hp"
+    assert set(variant.hparams) <= set(inspect.signature(variant.fn).parameters)
+    for key, hp in variant.hparams.items():
+        assert isinstance(hp, attention.Hp) and type(hp) is not attention.Hp, \
+            f"{name}: {key} is declared as {hp!r}, not Int/Float/Flag/Choice/Shape/Text"
+        for bad in _out_of_range(hp):
+            with pytest.raises(ValueError, match=f"{name}: {key} must be"):
+                attention.hparams_for(name, {key: bad})
 
 
 @pytest.mark.parametrize("name", NAMES)

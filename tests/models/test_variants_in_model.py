@@ -84,3 +84,22 @@ def test_buffer_updates_only_in_training(name):
     nnx.jit(lambda model: model(x, m, train=True, rngs=nnx.Rngs(dropout=0)))(model)
     assert any(not np.allclose(getattr(layer, f"buffer_{n}")[...], before[n])
                for n in layer.buffer_names)
+
+
+def test_layer_resolves_its_implementation_once():
+    """The layer decides impl at construction ("auto": pallas on a GPU where a kernel exists)
+    and keeps the function; an unknown impl fails there, not at the first call."""
+    from models.attention import MultiHeadAttention
+
+    def layer(impl):
+        return MultiHeadAttention(emb_dim=8, qkv_dim=8, num_heads=2, attention_name="local",
+                                  hparams=attention.hparams_for("local"), impl=impl, max_len=8,
+                                  dropout_rate=0.0, rngs=nnx.Rngs(0))
+
+    auto = "pallas" if jax.default_backend() == "gpu" else "xla"
+    for impl, expected in (("auto", auto), ("xla", "xla")):
+        built = layer(impl)
+        assert built.impl == expected
+        assert built.attention_fn is attention.implementation("local", expected)
+    with pytest.raises(ValueError, match="impl"):
+        layer("cuda")
