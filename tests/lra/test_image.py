@@ -1,5 +1,7 @@
 """Image task (grayscale CIFAR-10) through tfds.data_source under tfds.testing.mock_data."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -11,8 +13,7 @@ from tests.lra.conftest import mocked_records, tiny_data
 N = 20
 
 
-def _cfg(**over):
-    return tiny_data(image_config, **over)
+_cfg = functools.partial(tiny_data, image_config)     # the tiny data config, fields changed
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """Text task (IMDB bytes) through tfds.data_source under tfds.testing.mock_data (no TensorFlow,
 no download): the real loading code path with generated records."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -12,8 +14,7 @@ from tests.lra.conftest import mocked_records, tiny_data
 N = 24
 
 
-def _cfg(**over):
-    return tiny_data(text_config, **over)
+_cfg = functools.partial(tiny_data, text_config)     # the tiny data config, fields changed
 
 
 @pytest.fixture
