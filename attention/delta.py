@@ -10,7 +10,8 @@ i.e. S_t = S_{t-1} - beta_t k_t (k_t^T S_{t-1} - v_t^T): the state's prediction 
 fraction beta_t towards v_t. Chunkwise (the WY / UT form): per chunk of c positions with
 cumulative log-decays G_i (0 for deltanet) and Gamma_ij = exp(G_i - G_j) (i >= j, <= 1),
     M = I + strict_tril(diag(beta) (Gamma * K K^T)),  U = M^-1 (beta V),  W = M^-1 (beta e^G K)
-(a unit lower-triangular solve), then a lax.scan over chunks carrying S:
+(M^-1 of the unit lower-triangular M by log2(c) rounds of matmuls), then a lax.scan over
+chunks carrying S:
     new = U - W S,   O = (e^G Q) S + tril(Gamma * Q K^T) new,
     S <- e^{G_c} S + (e^{G_c - G} K)^T new.
 Every exponent is <= 0, so strong decays cannot overflow.
@@ -46,6 +47,33 @@ def l2_normalize(x):
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS)
 
 
+def unit_lower_inverse(strict):
+    """(I + L)^-1 for strictly lower-triangular L [..., c, c], by block forward substitution
+    (recursive doubling): the inverses of the diagonal blocks of size s give those of size 2s,
+    [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]], log2(c) rounds of batched matmuls
+    (about c^3 / 3 multiply-adds) whose intermediates are blocks of the true inverse. Plain
+    matmuls, so differentiable as such (XLA's CPU triangular solve made the backward pass ~10x
+    slower; a product of powers of L would hold huge cancelling terms)."""
+    c = strict.shape[-1]
+    p = 1 << max(0, (c - 1).bit_length())
+    lead = strict.shape[:-2]
+    if p != c:  # pad to a power of two: (I + [[L, 0], [0, 0]])^-1 = [[(I + L)^-1, 0], [0, I]]
+        strict = jnp.pad(strict, [(0, 0)] * len(lead) + [(0, p - c), (0, p - c)])
+    blocks = jnp.ones(lead + (p, 1, 1), strict.dtype)           # inverses of the 1 x 1 blocks
+    s = 1
+    while s < p:
+        nb = p // (2 * s)
+        lr = strict.reshape(lead + (nb, 2 * s, nb, 2 * s))
+        diag = jnp.moveaxis(jnp.diagonal(lr, axis1=-4, axis2=-2), -1, -3)  # [.., nb, 2s, 2s]
+        a, d = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
+        x = -(d @ diag[..., s:, :s] @ a)
+        zeros = jnp.zeros_like(a)
+        blocks = jnp.concatenate([jnp.concatenate([a, zeros], -1),
+                                  jnp.concatenate([x, d], -1)], -2)  # [.., nb, 2s, 2s]
+        s *= 2
+    return blocks[..., 0, :c, :c]
+
+
 def delta_chunkwise(q, k, v, beta, g, chunk_size: int):
     """Causal (gated) delta rule, chunkwise. q, k: [B, H, T, Dk]; v: [B, H, T, Dv]; beta, g:
     [B, H, T] write strengths and log decays (g = 0: deltanet). -> [B, H, T, Dv]:
@@ -62,11 +90,9 @@ def delta_chunkwise(q, k, v, beta, g, chunk_size: int):
     gap = cum[..., :, None] - cum[..., None, :]                  # G_i - G_j
     gamma = jnp.where(tril, jnp.exp(jnp.where(tril, gap, 0.0)), 0.0)
     kk = jnp.einsum("bhnid,bhnjd->bhnij", kc, kc)
-    m = jnp.eye(c, dtype=kk.dtype) + jnp.where(strict, bc[..., :, None] * gamma * kk, 0.0)
-    rhs = bc[..., None] * jnp.concatenate([vc, kc * jnp.exp(cum)[..., None]], axis=-1)
-    uw = jax.lax.linalg.triangular_solve(m, rhs, left_side=True, lower=True,
-                                         unit_diagonal=True)
-    u, w = uw[..., :dv], uw[..., dv:]                            # [B, H, N, c, Dv], [.., Dk]
+    inv = unit_lower_inverse(jnp.where(strict, bc[..., :, None] * gamma * kk, 0.0))
+    u = jnp.einsum("bhnij,bhnjd->bhnid", inv, bc[..., None] * vc)          # [B, H, N, c, Dv]
+    w = jnp.einsum("bhnij,bhnjd->bhnid", inv, (bc * jnp.exp(cum))[..., None] * kc)
     qk = jnp.einsum("bhnid,bhnjd->bhnij", qc, kc) * gamma
     qg = qc * jnp.exp(cum)[..., None]
     kd = kc * jnp.exp(end[..., None] - cum)[..., None]

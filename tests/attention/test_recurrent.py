@@ -303,3 +303,15 @@ def test_pallas_gla_and_diff_lower_through_triton():
             return out, vjp(out)
         text = jax.jit(f).trace(x, x, x, mask).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("xla.gpu.triton") == calls, name
+
+
+def test_unit_lower_inverse_in_float32_with_correlated_keys():
+    """The WY form's (I + L)^-1 by block doubling, c = 64 and 19 (padded to 32), at the hard
+    case (nearly parallel unit keys, beta ~ 1: |L_ij| ~ 1): float32 within 1e-6 of the inverse."""
+    for c in (64, 19):
+        rng = np.random.default_rng(c)
+        k = rng.standard_normal((c, 8)) * 0.1 + 1.0
+        k /= np.linalg.norm(k, axis=1, keepdims=True)
+        strict = np.tril(0.99 * k @ k.T, -1)
+        got = delta_mod.unit_lower_inverse(jnp.asarray(strict, jnp.float32))
+        np.testing.assert_allclose(got, np.linalg.inv(np.eye(c) + strict), atol=1e-6)
