@@ -5,8 +5,9 @@
 The registry fills defaults and validates (Variant.resolve) before the XLA or Pallas function is
 called, so those functions take every hyperparameter as a keyword without a default and do not
 check them again. A value given on the command line as a string ("64", "true") is converted to
-the declared type. Checks that need the inputs' shapes (a length divisible by a block size)
-stay in the function.
+the declared type. A rule between several hyperparameters is the record's `constraint=`
+(attention/__init__.py: register). Checks that need the inputs' shapes (a length divisible by a
+block size, "sqrt" resolved with the length) stay in the function.
 """
 
 from __future__ import annotations
