@@ -6,7 +6,8 @@
                 out = o * sigmoid(lse - sink), with lse the kernel's log-sum-exp; its gradient
                 enters the kernel's backward through delta (delta - dL/dlse), passed as one
                 extra value column (o's column = -dL/dlse, dO's = 1, v's = 0), so the kernels
-                are used unchanged.
+                are used unchanged (v is padded to the power of two above Dv: for Dv = 64 the
+                value dots run at width 128 with the learned sink).
   mixture       each member's own kernel on its group of heads (every member needs one).
 
   moba          the per-token block selection (attention/moba.py's gate, computed in XLA):
@@ -395,8 +396,14 @@ def row_tile_lists(sel, *, q_len_pad, kv_len, block_q, block_k, block_size, kv_m
     listed tile is partial (masked per row in the kernel). sel: int32 [B, H, Tq_pad, S]."""
     nb = -(-kv_len // block_size)
     nq, nk = q_len_pad // block_q, -(-kv_len // block_k)
-    picked = (sel[..., None] == jnp.arange(nb, dtype=jnp.int32)).any(-2)  # [B, H, Tq, nb]
-    picked = picked.reshape(*picked.shape[:2], nq, block_q, nb).any(3)  # [B, H, nq, nb]
+    b, h, tq, s = sel.shape
+    # Scatter each row's blocks into its tile's row (-1 and out-of-range ids into a dummy
+    # column): O(B H Tq S) indices, no [Tq, nb] one-hot.
+    ids = jnp.where((sel >= 0) & (sel < nb), sel, nb)
+    tile = jnp.broadcast_to((jnp.arange(tq) // block_q)[None, None, :, None], sel.shape)
+    bi = jnp.broadcast_to(jnp.arange(b)[:, None, None, None], sel.shape)
+    hi = jnp.broadcast_to(jnp.arange(h)[None, :, None, None], sel.shape)
+    picked = jnp.zeros((b, h, nq, nb + 1), bool).at[bi, hi, tile, ids].set(True)[..., :nb]
     listed = jnp.repeat(picked, block_size // block_k, axis=-1)[..., :nk]
     if kv_mask is not None:
         kb_any, _ = bm.kv_block_states(kv_mask, kv_len, block_k)  # [B, nk]
