@@ -28,6 +28,9 @@ compression is a mean (parameter-free), so selection scores are the compressed s
 blocks; here the own block is always selected and the window branch covers the local context.
 GQA group-shared selection (eq. 10) does not apply: every head selects for itself.
 
+Pallas (attention/pallas/selected.py): the selected branch on moba's kernels, the window on the
+local kernel, the compressed branch in XLA, the same gates.
+
 Cost: window O(n * window), selection O(n * top_k * block_size) gathered per token (scan),
 compressed O(n^2 / block_size) (the paper's own compression cost), all times D. The compressed
 branch dominates from a few thousand positions on (blocks of 32: measured FLOPs exponent 1.3-1.5

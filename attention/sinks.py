@@ -14,6 +14,9 @@ real key still gets zeros.
 Sink queries are ordinary queries (unlike longformer's global tokens they do not see every
 key); the sink positions are absolute (StreamingLLM re-indexes positions inside its rolling
 cache; here there is no cache and no position encoding inside the attention).
+
+Pallas (attention/pallas/selected.py): the block-sparse flash kernel with this pattern's static
+block lists; the learned sink rescales the kernel's rows by sigmoid(lse - sink).
 """
 
 from __future__ import annotations
