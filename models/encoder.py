@@ -122,6 +122,28 @@ class EncoderBlock(nnx.Module):
         return x + self.ffn_branch(x, train=train, rngs=rngs)
 
 
+def _after(ct, tree):
+    """`tree`'s values made data-dependent on the cotangent `ct`, unchanged (unless ct's first
+    element is NaN, when the gradient is NaN anyway). A recompute in the backward pass that
+    starts from these values can neither run before the backward pass reaches it nor be merged
+    (CSE) with the identical forward computation, so its activations are not kept from the
+    forward pass. jax.lax.optimization_barrier is meant for this, but the CPU compiler drops it:
+    with jax.checkpoint or a barrier, the compiled temporary memory did not shrink at all."""
+    flag = jnp.isnan(ct.reshape(-1)[0])
+
+    def tie(a):
+        if a is None:
+            return a
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            data = jax.random.key_data(a)
+            return jax.random.wrap_key_data(data + flag.astype(data.dtype),
+                                            impl=jax.random.key_impl(a))
+        if jnp.issubdtype(a.dtype, jnp.number):
+            return a + flag.astype(a.dtype)
+        return a
+    return jax.tree.map(tie, tree)
+
+
 def _split_block(block):
     graphdef, params, rest = nnx.split(block, nnx.Param, ...)
     return graphdef, params, rest
@@ -163,16 +185,18 @@ def _rev_with_vjp(graphdefs, train):
         grads = [None] * len(graphdefs)
         for i in reversed(range(len(graphdefs))):
             g = graphdefs[i]
-            kf, kg = (None, None) if keys is None else (keys[i, 0], keys[i, 1])
+            # the dropout keys tied to the cotangent: the recomputed dropout bits are not the
+            # forward pass's (merged by CSE, they would be kept alive for every layer)
+            p_i, r_i = params[i], rest[i]
+            k_i = None if keys is None else _after(dy1, keys[i])
+            kf, kg = (None, None) if k_i is None else (k_i[0], k_i[1])
             gy, g_vjp = jax.vjp(
-                lambda p, y: _branch(g, p, rest[i], y, mask, kg, which="g", train=train),
-                params[i], y1)
+                lambda p, y: _branch(g, p, r_i, y, mask, kg, which="g", train=train), p_i, y1)
             x2 = y2 - gy
             dp_g, dy1_g = g_vjp(dy2)
             dy1 = dy1 + dy1_g
             fx, f_vjp = jax.vjp(
-                lambda p, y: _branch(g, p, rest[i], y, mask, kf, which="f", train=train),
-                params[i], x2)
+                lambda p, y: _branch(g, p, r_i, y, mask, kf, which="f", train=train), p_i, x2)
             x1 = y1 - fx
             dp_f, dx2_f = f_vjp(dy1)
             dy2 = dy2 + dx2_f
@@ -303,10 +327,52 @@ class Encoder(nnx.Module):
         return self.norm(x), mask
 
 
-@nnx.remat(static_argnums=(3,))
 def _remat_block(block, x, mask, train, rngs):
-    """One block under jax.checkpoint: only its input is kept for the backward pass."""
-    return block(x, mask, train=train, rngs=rngs)
+    """One block that keeps only its inputs for the backward pass (jax.checkpoint's idea, as
+    a custom VJP): the backward pass recomputes the block from its input, tied to the incoming
+    cotangent (_after), so that XLA can neither run it early nor merge it with the forward
+    pass; with jax.checkpoint / nnx.remat the CPU compiler's temporary memory did not shrink.
+    Dropout keys come from the same rngs as without remat (identical draws), and a variant's
+    buffer updates (routing) are returned as in the plain block."""
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+    rng_def, rng_state = nnx.split(rngs) if rngs is not None else (None, None)
+    y, new_rest, new_rng = _remat_vjp(graphdef, rng_def, bool(train))(
+        params, rest, x, mask, rng_state)
+    nnx.update(block, new_rest)
+    if rngs is not None:
+        nnx.update(rngs, new_rng)
+    return y
+
+
+def _remat_run(graphdef, rng_def, train, params, rest, x, mask, rng_state):
+    copy = lambda tree: jax.tree.map(lambda a: a, tree)  # noqa: E731  (merge shares Variables)
+    block = nnx.merge(graphdef, params, copy(rest))
+    rngs = None if rng_def is None else nnx.merge(rng_def, copy(rng_state))
+    y = block(x, mask, train=train, rngs=rngs)
+    new_rng = None if rngs is None else nnx.split(rngs)[1]
+    return y, nnx.split(block, nnx.Param, ...)[2], new_rng
+
+
+def _remat_vjp(graphdef, rng_def, train):
+    run = functools.partial(_remat_run, graphdef, rng_def, train)
+
+    @jax.custom_vjp
+    def block(params, rest, x, mask, rng_state):
+        return run(params, rest, x, mask, rng_state)
+
+    def fwd(params, rest, x, mask, rng_state):
+        return run(params, rest, x, mask, rng_state), (params, rest, x, mask, rng_state)
+
+    def bwd(res, cts):
+        params, rest, x, mask, rng_state = res
+        dy = cts[0]
+        x, rng_state = _after(dy, (x, rng_state))
+        _, vjp = jax.vjp(lambda p, xx, r: run(p, rest, xx, mask, r)[0], params, x, rng_state)
+        dp, dx, _ = vjp(dy)
+        return dp, None, dx, None, None
+
+    block.defvjp(fwd, bwd)
+    return block
 
 
 def _bad(field, value, valid):
