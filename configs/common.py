@@ -60,6 +60,12 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c.model.remat = False
     c.model.reversible = False
     c.model.ffn_chunks = 1           # 1 = whole length at once
+    # Segment-level recurrence (models/recurrent.py): "none" | "xl" (Transformer-XL: segments
+    # of segment_len tokens, each layer attends over [mem_len cached states; segment] with
+    # relative positions; dense attention, mean pooling).
+    c.model.recurrence = "none"
+    c.model.segment_len = 0          # xl: tokens per segment (>= 1)
+    c.model.mem_len = 0              # xl: cached states per layer (0 = segments independent)
 
     c.attention = attention_config(variant, task)
 

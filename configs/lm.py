@@ -62,6 +62,10 @@ def get_config(arg=None):
         for key, value in SMALL_HPARAMS.items():
             if key in c.attention:
                 c.attention[key] = value
+    # model.recurrence="xl" (Transformer-XL): a window read in 4 segments, memory of one
+    # segment per layer (used only when --config.model.recurrence=xl).
+    c.model.segment_len = max(1, c.data.max_len // 4)
+    c.model.mem_len = c.model.segment_len
     return c
 
 

@@ -379,6 +379,21 @@ def _bad(field, value, valid):
     raise ValueError(f"{field} must be one of {sorted(valid)}; got {value!r}")
 
 
+RECURRENCES = ("none", "xl")
+
+
+def make_encoder(**kwargs):
+    """Encoder, or the segment-recurrent XLEncoder (models/recurrent.py) when
+    model.recurrence == "xl"; same interface (states, __call__, num_prefix)."""
+    recurrence = dict(kwargs["model"]).get("recurrence", "none")
+    if recurrence == "xl":
+        from models.recurrent import XLEncoder
+        return XLEncoder(**kwargs)
+    if recurrence != "none":
+        _bad("model.recurrence", recurrence, RECURRENCES)
+    return Encoder(**kwargs)
+
+
 class Head(nnx.Module):
     """LRA's classifier head: Dense(mlp) -> ReLU -> Dense(classes)."""
 
@@ -392,7 +407,7 @@ class Head(nnx.Module):
 
 class Classifier(nnx.Module):
     def __init__(self, *, num_classes: int, rngs: nnx.Rngs, **encoder_kwargs):
-        self.encoder = Encoder(rngs=rngs, **encoder_kwargs)
+        self.encoder = make_encoder(rngs=rngs, **encoder_kwargs)
         m = encoder_kwargs["model"]
         self.head = Head(m["emb_dim"], m["mlp_dim"], num_classes, rngs)
 
@@ -407,7 +422,7 @@ class DualEncoderClassifier(nnx.Module):
         if m["interaction"] not in ("nli", "concat"):
             _bad("model.interaction", m["interaction"], ("nli", "concat"))
         self.interaction = m["interaction"]
-        self.encoder = Encoder(rngs=rngs, **encoder_kwargs)
+        self.encoder = make_encoder(rngs=rngs, **encoder_kwargs)
         width = m["emb_dim"] * (4 if self.interaction == "nli" else 2)
         self.head = Head(width, m["mlp_dim"], num_classes, rngs)
 
@@ -428,7 +443,8 @@ class TokenPredictor(nnx.Module):
 
     def __init__(self, *, vocab_size: int, rngs: nnx.Rngs, causal: bool = False,
                  **encoder_kwargs):
-        self.encoder = Encoder(vocab_size=vocab_size, causal=causal, rngs=rngs, **encoder_kwargs)
+        self.encoder = make_encoder(vocab_size=vocab_size, causal=causal, rngs=rngs,
+                                    **encoder_kwargs)
         emb = encoder_kwargs["model"]["emb_dim"]
         self.causal = causal
         self.mask_vector = nnx.Param(jax.random.normal(rngs.params(), (emb,)) * 0.02)

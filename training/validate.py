@@ -71,6 +71,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.remat": boolean,
     "model.reversible": boolean,
     "model.ffn_chunks": integer(1),
+    "model.recurrence": choice("none", "xl"),
+    "model.segment_len": integer(0),
+    "model.mem_len": integer(0),
     "attention.impl": choice("xla", "pallas", "auto"),
     "data.max_len": integer(1),
     "data.batch_size": integer(1),
@@ -143,6 +146,28 @@ def validate_config(config) -> None:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
+def _xl_relations(config) -> list[str]:
+    """model.recurrence="xl" (models/recurrent.py): what the XL encoder supports."""
+    m, out = config.model, []
+    name = _get(config, "attention.name")
+    if name is not _MISSING and name != "dense":
+        out.append(f"model.recurrence='xl' computes its own within-segment attention (dense "
+                   f"with the relative-position terms): attention.name={name!r} is not "
+                   f"supported with it; use 'dense'")
+    if not (_is_int(m.get("segment_len")) and m.get("segment_len") >= 1):
+        out.append(f"model.recurrence='xl' needs model.segment_len >= 1; got "
+                   f"{m.get('segment_len')!r}")
+    if m.get("pooling") != "mean":
+        out.append(f"model.recurrence='xl' needs model.pooling='mean' (no CLS prefix in a "
+                   f"segmented stream); got {m.get('pooling')!r}")
+    for field in ("remat", "reversible"):
+        if m.get(field) is True:
+            out.append(f"model.recurrence='xl' does not support model.{field}=True")
+    if _get(config, "train.seq_shards") not in (_MISSING, 1):
+        out.append("model.recurrence='xl' does not support train.seq_shards > 1")
+    return out
+
+
 def _relations(config) -> list[str]:
     """Constraints between fields (checked only when each field alone is valid)."""
     out = []
@@ -154,6 +179,8 @@ def _relations(config) -> list[str]:
     if m.get("remat") is True and m.get("reversible") is True:
         out.append("model.remat=True with model.reversible=True: reversible layers already "
                     "recompute in the backward pass; set one of them")
+    if m.get("recurrence") == "xl":
+        out += _xl_relations(config)
     lo, hi = _get(config, "data.min_length"), _get(config, "data.max_length")
     if _is_int(lo) and _is_int(hi) and lo >= hi:
         out.append(f"data.min_length={lo} must be < data.max_length={hi}")

@@ -1,0 +1,225 @@
+"""Segment-level recurrence: Transformer-XL (Dai et al., 2019), model.recurrence = "xl".
+
+A sequence of T tokens is read in segments of model.segment_len tokens, in order. Every layer n
+attends over [memory of layer n; current segment], where the memory holds the inputs of layer n
+(the outputs of layer n-1) for the last model.mem_len tokens before the segment, cached from the
+previous segments with their gradient stopped (jax.lax.stop_gradient). Context therefore
+reaches up to num_layers * mem_len tokens back while one segment costs
+segment_len x (mem_len + segment_len) scores per head and layer.
+
+Positions are the paper's relative encoding: no absolute position is added to the tokens, and
+the score of query i and key j is
+
+    (q_i + u) . k_j  +  (q_i + v) . W_R R_{i-j},      divided by sqrt(head_dim),
+
+with R the sinusoid of the relative distance i - j (positions counted over [memory; segment]),
+W_R a learned projection and u, v learned per-head biases (one pair per layer, the "untied"
+form of the paper's code). Causal models (the LM objective) mask keys after the query;
+bidirectional ones see the whole current segment and the memory. Padded keys (in the segment
+or in the memory: the first segment's memory is empty) are masked.
+
+Within-segment attention: this attention is dense with the relative terms, computed here (a
+registered variant's function has no place for them); model.recurrence="xl" with any
+attention.name other than "dense" is refused (ValueError here, ConfigError in
+training/validate.py). Not combined with model.remat / model.reversible (refused); pooling must
+be "mean" (no CLS prefix in a segmented stream); model.ffn_chunks works as in the encoder.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.encoder import DTYPES, EncoderBlock, _bad
+
+NEG = -1e30
+
+
+def relative_sinusoids(distances: np.ndarray, dim: int) -> np.ndarray:
+    """[N, dim] table [sin(d * f), cos(d * f)] (halves concatenated, as in the paper's code),
+    f = 10000^(-2i/dim), for the (possibly negative) distances d."""
+    inv = 1.0 / (10000.0 ** (np.arange(0, dim, 2) / dim))
+    ang = np.asarray(distances, np.float64)[:, None] * inv[None, :]
+    return np.concatenate([np.sin(ang), np.cos(ang)], axis=1)[:, :dim].astype(np.float32)
+
+
+class RelativeAttention(nnx.Module):
+    """Multi-head attention of a segment over [memory; segment] with XL's relative terms."""
+
+    def __init__(self, *, emb_dim, qkv_dim, num_heads, dropout_rate, dtype, causal, rngs):
+        if qkv_dim % num_heads:
+            raise ValueError(f"model.qkv_dim ({qkv_dim}) must be divisible by model.num_heads "
+                             f"({num_heads})")
+        self.num_heads, self.head_dim = num_heads, qkv_dim // num_heads
+        self.emb_dim, self.causal, self.dropout_rate = emb_dim, causal, dropout_rate
+        linear = lambda i, o, **kw: nnx.Linear(i, o, dtype=dtype, rngs=rngs, **kw)  # noqa: E731
+        self.query = linear(emb_dim, qkv_dim)
+        self.key = linear(emb_dim, qkv_dim)
+        self.value = linear(emb_dim, qkv_dim)
+        self.rel = linear(emb_dim, qkv_dim, use_bias=False)            # W_R
+        self.out = linear(qkv_dim, emb_dim)
+        shape = (num_heads, self.head_dim)
+        self.u = nnx.Param(jax.random.normal(rngs.params(), shape) * 0.02)
+        self.v = nnx.Param(jax.random.normal(rngs.params(), shape) * 0.02)
+
+    def __call__(self, h, mem, mask, mem_mask, *, train=False, rngs=None):
+        """h [B, T, E] (normed segment), mem [B, M, E] (normed memory), mask [B, T],
+        mem_mask [B, M] -> [B, T, E]."""
+        b, t, _ = h.shape
+        m = mem.shape[1]
+        heads, d = self.num_heads, self.head_dim
+        cat = jnp.concatenate([mem, h], axis=1)                          # [B, M+T, E]
+        q = self.query(h).reshape(b, t, heads, d)
+        k = self.key(cat).reshape(b, m + t, heads, d)
+        v = self.value(cat).reshape(b, m + t, heads, d)
+        # distances i - j, query i at position m + i of [memory; segment], key j at j
+        dist = (m + np.arange(t))[:, None] - np.arange(m + t)[None, :]  # [T, M+T]
+        rel_d = np.arange(m + t - 1, -t, -1)                            # every distance, max first
+        r = self.rel(jnp.asarray(relative_sinusoids(rel_d, self.emb_dim), h.dtype))
+        r = r.reshape(len(rel_d), heads, d)                               # [N, H, D]
+        u, vb = self.u[...].astype(q.dtype), self.v[...].astype(q.dtype)
+        ac = jnp.einsum("bihd,bjhd->bhij", q + u, k)
+        bd_all = jnp.einsum("bihd,nhd->bhin", q + vb, r)                 # [B, H, T, N]
+        index = jnp.asarray((m + t - 1) - dist)                          # rel_d[index] == dist
+        bd = jnp.take_along_axis(bd_all, jnp.broadcast_to(index, (b, heads, t, m + t)), axis=-1)
+        scores = ((ac + bd) / np.sqrt(d)).astype(jnp.float32)
+        allowed = jnp.concatenate([mem_mask, mask], axis=1)[:, None, None, :]
+        if self.causal:
+            allowed = allowed & jnp.asarray(dist >= 0)[None, None]
+        scores = jnp.where(allowed, scores, NEG)
+        w = jax.nn.softmax(scores, axis=-1)
+        w = jnp.where(allowed, w, 0.0)
+        if train and self.dropout_rate > 0 and rngs is not None:
+            keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.dropout_rate, w.shape)
+            w = jnp.where(keep, w / (1.0 - self.dropout_rate), 0.0)
+        y = jnp.einsum("bhij,bjhd->bihd", w.astype(v.dtype), v).reshape(b, t, heads * d)
+        return self.out(y)
+
+
+class XLBlock(nnx.Module):
+    """Pre-LayerNorm block: h + drop(RelAttn(LN(h) | LN(mem))), then the encoder's
+    feed-forward branch (EncoderBlock.ffn_branch, model.ffn_chunks included)."""
+
+    ffn_branch = EncoderBlock.ffn_branch
+    _chunked_mlp = EncoderBlock._chunked_mlp
+    _drop = EncoderBlock._drop
+
+    def __init__(self, *, emb_dim, mlp_dim, qkv_dim, num_heads, dropout_rate,
+                 attention_dropout_rate, dtype, causal, ffn_chunks, rngs):
+        self.norm1 = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
+        self.attention = RelativeAttention(emb_dim=emb_dim, qkv_dim=qkv_dim,
+                                           num_heads=num_heads,
+                                           dropout_rate=attention_dropout_rate, dtype=dtype,
+                                           causal=causal, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
+        self.mlp_in = nnx.Linear(emb_dim, mlp_dim, dtype=dtype, rngs=rngs)
+        self.mlp_out = nnx.Linear(mlp_dim, emb_dim, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout_rate)
+        self.ffn_chunks = int(ffn_chunks)
+
+    def __call__(self, h, mem, mask, mem_mask, *, train, rngs):
+        a = self.attention(self.norm1(h), self.norm1(mem), mask, mem_mask, train=train,
+                           rngs=rngs)
+        h = h + self._drop(a, train, rngs)
+        return h + self.ffn_branch(h, train=train, rngs=rngs)
+
+
+def check_xl(model: Mapping[str, Any], attention_name: str) -> None:
+    """ValueError for a combination the XL encoder does not support."""
+    m = dict(model)
+    if attention_name != "dense":
+        raise ValueError(
+            f"model.recurrence='xl' computes its own within-segment attention (dense over "
+            f"[memory; segment] with the relative-position terms); attention.name="
+            f"{attention_name!r} is not supported with it: use attention 'dense'")
+    if int(m.get("segment_len", 0)) < 1:
+        raise ValueError(f"model.recurrence='xl' needs model.segment_len >= 1; got "
+                         f"{m.get('segment_len')!r}")
+    if int(m.get("mem_len", 0)) < 0:
+        raise ValueError(f"model.mem_len must be >= 0; got {m.get('mem_len')!r}")
+    if m.get("pooling") != "mean":
+        raise ValueError(f"model.recurrence='xl' needs model.pooling='mean' (no CLS prefix in "
+                         f"a segmented stream); got {m.get('pooling')!r}")
+    for field in ("remat", "reversible"):
+        if m.get(field):
+            raise ValueError(f"model.recurrence='xl' does not support model.{field}=True")
+
+
+class XLEncoder(nnx.Module):
+    """The Encoder's interface (states, __call__ with mean pooling, num_prefix = 0) with
+    Transformer-XL's segment recurrence inside one call: the [B, T] input is cut into
+    ceil(T / segment_len) segments (the last padded and masked) read in order."""
+
+    def __init__(self, *, vocab_size: int, max_len: int, model: Mapping[str, Any],
+                 attention_cfg: Mapping[str, Any], grid_shape=None, causal: bool = False,
+                 rngs: nnx.Rngs):
+        m = dict(model)
+        check_xl(m, attention_cfg["name"])
+        self.dtype = DTYPES[m["dtype"]] if m["dtype"] in DTYPES else _bad("model.dtype", m["dtype"], DTYPES)
+        self.pooling = "mean"
+        self.max_len = max_len
+        self.segment_len = int(m["segment_len"])
+        self.mem_len = int(m["mem_len"])
+        emb = m["emb_dim"]
+        self.emb_dim = emb
+        self.embed = nnx.Embed(vocab_size, emb, rngs=rngs)
+        self.dropout = nnx.Dropout(m["dropout_rate"])
+        self.blocks = nnx.List([
+            XLBlock(emb_dim=emb, mlp_dim=m["mlp_dim"], qkv_dim=m["qkv_dim"],
+                    num_heads=m["num_heads"], dropout_rate=m["dropout_rate"],
+                    attention_dropout_rate=m["attention_dropout_rate"], dtype=self.dtype,
+                    causal=causal, ffn_chunks=int(m.get("ffn_chunks", 1)), rngs=rngs)
+            for _ in range(m["num_layers"])])
+        self.norm = nnx.LayerNorm(emb, dtype=self.dtype, rngs=rngs)
+
+    num_prefix = 0
+
+    def __call__(self, tokens, mask, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        x, mask = self.states(tokens, mask, train=train, rngs=rngs)
+        w = mask.astype(jnp.float32)[..., None]
+        return (jnp.sum(x.astype(jnp.float32) * w, axis=1) / jnp.maximum(w.sum(axis=1), 1.0))
+
+    def initial_memory(self, batch: int):
+        """Empty memory: per layer [B, mem_len, E] zeros, and its mask [B, mem_len] (False)."""
+        zeros = jnp.zeros((batch, self.mem_len, self.emb_dim), self.dtype)
+        return [zeros] * len(self.blocks), jnp.zeros((batch, self.mem_len), bool)
+
+    def segment(self, x, mask, mems, mem_mask, *, train=False, rngs=None):
+        """One segment: x [B, S, E] embedded, mask [B, S], mems / mem_mask as initial_memory
+        returns -> (out [B, S, E] before the final LayerNorm, new mems, new mem_mask)."""
+        inputs = []
+        for blk, mem in zip(self.blocks, mems):
+            inputs.append(x)
+            x = blk(x, mem, mask, mem_mask, train=train, rngs=rngs)
+        if self.mem_len == 0:
+            return x, mems, mem_mask
+        keep = lambda old, new: jnp.concatenate([old, new], axis=1)[:, -self.mem_len:]  # noqa: E731
+        new_mems = [jax.lax.stop_gradient(keep(mem, h)) for mem, h in zip(mems, inputs)]
+        return x, new_mems, keep(mem_mask, mask)
+
+    def states(self, tokens, mask, *, train: bool = False, rngs: nnx.Rngs | None = None,
+               replace=None, replacement=None):
+        """-> (x [B, T, E] after the final LayerNorm, mask [B, T]); as Encoder.states."""
+        b, t = tokens.shape
+        if t > self.max_len:
+            raise ValueError(f"input length {t} exceeds the model's max_len {self.max_len}")
+        x = self.embed(tokens)
+        if replace is not None:
+            x = jnp.where(replace[..., None], replacement.astype(x.dtype), x)
+        x = self.dropout(x.astype(self.dtype), deterministic=not train, rngs=rngs)
+        s = self.segment_len
+        n = -(-t // s)
+        x = jnp.pad(x, ((0, 0), (0, n * s - t), (0, 0)))
+        padded = jnp.pad(mask, ((0, 0), (0, n * s - t)))
+        mems, mem_mask = self.initial_memory(b)
+        outs = []
+        for i in range(n):
+            y, mems, mem_mask = self.segment(x[:, i * s:(i + 1) * s],
+                                             padded[:, i * s:(i + 1) * s], mems, mem_mask,
+                                             train=train, rngs=rngs)
+            outs.append(y)
+        return self.norm(jnp.concatenate(outs, axis=1)[:, :t]), mask
