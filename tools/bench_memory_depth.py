@@ -6,8 +6,8 @@
 For each depth and mode the tool compiles (never runs) the gradient of a classifier's loss with
 respect to its parameters (dense attention, training mode, the ListOps head; dropout --dropout, 0 by default) and reads XLA's buffer assignment through tools/compiled.memory: `temp_bytes` is what the
 backward pass keeps alive beyond arguments and outputs (activations saved for the backward
-pass and scratch). Modes: plain (every block's activations stored), remat (jax.checkpoint per
-block: each block's input stored), reversible (Reformer's reversible layers: nothing stored
+pass and scratch). Modes: plain (every block's activations stored), remat (model.remat: each
+block's input stored, the block recomputed), reversible (Reformer's reversible layers: nothing stored
 per layer), reversible+chunks (and the feed-forward in model.ffn_chunks chunks).
 """
 
@@ -104,7 +104,7 @@ def main(argv=None):
         f"{args.length}, emb {args.emb}, MLP {args.mlp}, {args.heads} heads, dropout "
         f"{args.dropout} (model and attention), training mode), compiled and not run; XLA's temporary buffer bytes (tools/compiled."
         "memory), in MiB. `params MiB` is the argument size of the plain model (parameters and "
-        "inputs). Modes: plain; remat = jax.checkpoint per block; reversible = Reformer's "
+        "inputs). Modes: plain; remat = model.remat (each block keeps only its input; recomputed in the backward pass by a custom VJP); reversible = Reformer's "
         "reversible residual layers (custom VJP, inputs rebuilt from outputs); "
         "reversible+chunks = and the feed-forward in 8 checkpointed chunks.", ""]
     lines += common.markdown_table(["layers"] + [f"{m} MiB" for m in modes] + ["params MiB"],
