@@ -97,6 +97,17 @@ def query_features(x, w):
         + NUMERICAL_STABILIZER
 
 
+def feature_weights(projection, num_features: int, feature_map: str, head_dim: int):
+    """The projection [M, D] as float32, checked against (num_features, head_dim); random
+    features (every map but "exp") are a buffer: no gradient flows into them."""
+    if projection is None or tuple(projection.shape) != (num_features, head_dim):
+        raise ValueError(f"{NAME}: projection [num_features, head_dim] = "
+                         f"{(num_features, head_dim)} required (from init_state); got "
+                         f"{None if projection is None else tuple(projection.shape)}")
+    w = projection.astype(jnp.float32)
+    return w if feature_map == "exp" else jax.lax.stop_gradient(w)
+
+
 @register(NAME, hparams=HPARAMS, supports_causal=True, complexity="O(n)",
           doc="Choromanski et al. 2021 (Performer): FAVOR+ positive orthogonal random features",
           init_state=init_state, update_buffers=update_buffers,
@@ -110,13 +121,7 @@ def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features, fe
     check_qkv(NAME, q, k, v, kv_mask)
     check_causal(NAME, causal, True, q.shape[1], k.shape[1])
     d = q.shape[-1]
-    if projection is None or tuple(projection.shape) != (num_features, d):
-        raise ValueError(f"{NAME}: projection [num_features, head_dim] = {(num_features, d)} "
-                         f"required (from init_state); got "
-                         f"{None if projection is None else tuple(projection.shape)}")
-    w = projection.astype(jnp.float32)
-    if feature_map != "exp":
-        w = jax.lax.stop_gradient(w)  # random features: a buffer, never trained
+    w = feature_weights(projection, num_features, feature_map, d)
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))      # [B, H, T, D]
     if feature_map == "relu":
         qf = jax.nn.relu(jnp.einsum("bhtd,md->bhtm", qt.astype(jnp.float32) * d ** -0.25, w))

@@ -412,13 +412,7 @@ def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features, fe
     del chunk_size, redraw, redraw_interval, redraw_key, redraw_count  # XLA's, update_buffers's
     interpret = _prepare("performer", q, k, v, kv_mask, causal, interpret)
     d = q.shape[-1]
-    if projection is None or tuple(projection.shape) != (num_features, d):
-        raise ValueError(f"performer: projection [num_features, head_dim] = {(num_features, d)} "
-                         f"required (from init_state); got "
-                         f"{None if projection is None else tuple(projection.shape)}")
-    w = projection.astype(jnp.float32)
-    if feature_map != "exp":
-        w = jax.lax.stop_gradient(w)  # random features: a buffer, never trained
+    w = xla.feature_weights(projection, num_features, feature_map, d)
     run = functools.partial(kernel_attention, v=v, kv_mask=kv_mask, causal=causal,
                             block_t=block_t, interpret=interpret)
     if feature_map == "relu":
