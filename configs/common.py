@@ -60,6 +60,9 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c.model.remat = False
     c.model.reversible = False
     c.model.ffn_chunks = 1           # 1 = whole length at once
+    # ETC global tokens: learned tokens after CLS that attend to and are seen by every token
+    # (attention 'longformer': its num_global is set to the prefix; long tokens: window).
+    c.model.num_global_tokens = 0
     # Segment-level recurrence (models/recurrent.py): "none" | "xl" (Transformer-XL: segments
     # of segment_len tokens, each layer attends over [mem_len cached states; segment] with
     # relative positions; dense attention, mean pooling).

@@ -241,7 +241,16 @@ class Encoder(nnx.Module):
         if m["pos_embedding"] not in POS_EMBEDDINGS:
             _bad("model.pos_embedding", m["pos_embedding"], POS_EMBEDDINGS)
         self.pooling = m["pooling"]
-        prefix = 1 if self.pooling == "cls" else 0
+        # ETC (Ainslie et al. 2020): num_global_tokens learned global tokens (not positions of
+        # the input) after the CLS prefix; with the longformer pattern, the prefix (CLS and
+        # global tokens) attends to everything and every long token to its window and the
+        # prefix. The model sets the variant's num_global to the prefix length.
+        self.num_global = int(m.get("num_global_tokens", 0))
+        name = attention_cfg["name"]
+        if self.num_global:
+            check_global_tokens(self.num_global, name)
+        prefix = (1 if self.pooling == "cls" else 0) + self.num_global
+        self._num_prefix = prefix
         self.max_len = max_len
         total = max_len + prefix
         emb = m["emb_dim"]
@@ -257,11 +266,15 @@ class Encoder(nnx.Module):
             self.pos = nnx.Variable(jnp.asarray(sinusoidal_2d_positions(grid_shape, emb, prefix)))
         else:
             self.pos = nnx.Variable(jnp.asarray(sinusoidal_positions(total, emb)))
-        if prefix:
+        if self.pooling == "cls":
             self.cls = nnx.Param(jax.random.normal(rngs.params(), (emb,)) * 0.02)
+        if self.num_global:
+            self.global_tokens = nnx.Param(
+                jax.random.normal(rngs.params(), (self.num_global, emb)) * 0.02)
         self.dropout = nnx.Dropout(m["dropout_rate"])
-        name = attention_cfg["name"]
         overrides = {k: v for k, v in attention_cfg.items() if k not in ("name", "impl")}
+        if self.num_global:
+            overrides["num_global"] = prefix
         self.blocks = nnx.List([
             EncoderBlock(
                 emb_dim=emb, mlp_dim=m["mlp_dim"], dropout_rate=m["dropout_rate"],
@@ -290,12 +303,14 @@ class Encoder(nnx.Module):
         x, mask = self.states(tokens, mask, train=train, rngs=rngs)
         if self.pooling == "cls":
             return x[:, 0].astype(jnp.float32)
+        x, mask = x[:, self.num_prefix:], mask[:, self.num_prefix:]   # long tokens only
         w = mask.astype(jnp.float32)[..., None]
         return (jnp.sum(x.astype(jnp.float32) * w, axis=1) / jnp.maximum(w.sum(axis=1), 1.0))
 
     @property
     def num_prefix(self) -> int:
-        return 1 if self.pooling == "cls" else 0
+        """Tokens before the input's: CLS (pooling "cls") and the ETC global tokens."""
+        return self._num_prefix
 
     def states(self, tokens, mask, *, train: bool = False, rngs: nnx.Rngs | None = None,
                replace=None, replacement=None):
@@ -308,10 +323,15 @@ class Encoder(nnx.Module):
         x = self.embed(tokens)  # [B, T, E]
         if replace is not None:
             x = jnp.where(replace[..., None], replacement.astype(x.dtype), x)
+        prefix = []
         if self.pooling == "cls":
-            cls = jnp.broadcast_to(self.cls[...], (b, 1, x.shape[-1]))
-            x = jnp.concatenate([cls, x], axis=1)
-            mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
+            prefix.append(jnp.broadcast_to(self.cls[...], (b, 1, x.shape[-1])))
+        if self.num_global:
+            prefix.append(jnp.broadcast_to(self.global_tokens[...],
+                                           (b, self.num_global, x.shape[-1])))
+        if prefix:
+            x = jnp.concatenate(prefix + [x.astype(prefix[0].dtype)], axis=1)
+            mask = jnp.concatenate([jnp.ones((b, self.num_prefix), bool), mask], axis=1)
         x = (x + self.pos[...][: x.shape[1]]).astype(self.dtype)
         x = shard_sequence(x)  # length split over the mesh's "seq" axis (train.seq_shards)
         x = self.dropout(x, deterministic=not train, rngs=rngs)
@@ -377,6 +397,21 @@ def _remat_vjp(graphdef, rng_def, train):
 
 def _bad(field, value, valid):
     raise ValueError(f"{field} must be one of {sorted(valid)}; got {value!r}")
+
+
+GLOBAL_TOKEN_VARIANTS = ("longformer",)
+
+
+def check_global_tokens(num_global: int, attention_name: str) -> None:
+    """model.num_global_tokens > 0 (ETC) needs a variant whose global positions the model
+    can set (longformer: num_global)."""
+    if num_global < 0:
+        raise ValueError(f"model.num_global_tokens must be >= 0; got {num_global}")
+    if attention_name not in GLOBAL_TOKEN_VARIANTS:
+        raise ValueError(
+            f"model.num_global_tokens={num_global} (ETC global tokens) needs an attention "
+            f"variant with global positions the model sets: one of {GLOBAL_TOKEN_VARIANTS}; "
+            f"got attention.name={attention_name!r}")
 
 
 RECURRENCES = ("none", "xl")

@@ -144,9 +144,10 @@ def check_xl(model: Mapping[str, Any], attention_name: str) -> None:
     if m.get("pooling") != "mean":
         raise ValueError(f"model.recurrence='xl' needs model.pooling='mean' (no CLS prefix in "
                          f"a segmented stream); got {m.get('pooling')!r}")
-    for field in ("remat", "reversible"):
+    for field in ("remat", "reversible", "num_global_tokens"):
         if m.get(field):
-            raise ValueError(f"model.recurrence='xl' does not support model.{field}=True")
+            raise ValueError(f"model.recurrence='xl' does not support model.{field}="
+                             f"{m.get(field)!r}")
 
 
 class XLEncoder(nnx.Module):

@@ -71,6 +71,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.remat": boolean,
     "model.reversible": boolean,
     "model.ffn_chunks": integer(1),
+    "model.num_global_tokens": integer(0),
     "model.recurrence": choice("none", "xl"),
     "model.segment_len": integer(0),
     "model.mem_len": integer(0),
@@ -163,6 +164,8 @@ def _xl_relations(config) -> list[str]:
     for field in ("remat", "reversible"):
         if m.get(field) is True:
             out.append(f"model.recurrence='xl' does not support model.{field}=True")
+    if _is_int(m.get("num_global_tokens")) and m.get("num_global_tokens") > 0:
+        out.append("model.recurrence='xl' does not support model.num_global_tokens > 0")
     if _get(config, "train.seq_shards") not in (_MISSING, 1):
         out.append("model.recurrence='xl' does not support train.seq_shards > 1")
     return out
@@ -181,6 +184,10 @@ def _relations(config) -> list[str]:
                     "recompute in the backward pass; set one of them")
     if m.get("recurrence") == "xl":
         out += _xl_relations(config)
+    g, name = m.get("num_global_tokens"), _get(config, "attention.name")
+    if _is_int(g) and g > 0 and name is not _MISSING and name not in ("longformer",):
+        out.append(f"model.num_global_tokens={g} (ETC global tokens) needs attention.name="
+                   f"'longformer' (global positions the model sets); got {name!r}")
     lo, hi = _get(config, "data.min_length"), _get(config, "data.max_length")
     if _is_int(lo) and _is_int(hi) and lo >= hi:
         out.append(f"data.min_length={lo} must be < data.max_length={hi}")
