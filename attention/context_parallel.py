@@ -18,10 +18,14 @@ A length that the split does not divide is padded at the end and masked. The for
 - window_global (longformer, sliding_sink): the halo for the window, the g global keys from the
   first device, longformer's global query rows merged over the devices by their softmax
   statistics (attention/_cp_window.py). Needs window and g <= the shard length, else gather.
-- kv_state (linear; performer not causal): the kernel sums sum_j phi(k_j) [v_j, 1]: summed over
-  shards (psum; the performer's key stabiliser is the max over every shard, pmax), or, causal,
-  an exclusive prefix over the shards before this one plus a chunked scan inside. The causal
-  performer's running-max key stabiliser is not split: it gathers.
+- kv_state (linear, performer): the kernel sums sum_j phi(k_j) [v_j, 1]: summed over shards
+  (psum; the performer's key stabiliser is the max over every shard, pmax), or, causal, an
+  exclusive prefix over the shards before this one plus a chunked scan inside. The causal
+  performer (favor+, exp) keeps one device's stabiliser, the running max of the real keys' log
+  features up to each position: the earlier shards' maxima (all_gather) under this shard's
+  running max give the same ref bit for bit (a max is exact; ref is per position, so shard and
+  chunk boundaries need not align); each shard's state against its last ref is all_gathered and
+  the earlier ones, rescaled to this shard's incoming max (weights <= 1), start its scan.
 - gather (every other variant, and dropout on attention weights): all-gather q, k, v and the
   mask, compute the registered variant on the whole sequence on every device, keep this
   shard's rows. Always the single-device answer, at the single-device cost in memory and FLOPs
@@ -67,8 +71,8 @@ def shard_sequence(x, seq_axis: str = "seq", batch_axis: str = "data"):
 def form_of(name: str, hparams: dict, shard_len: int, causal: bool = False) -> str:
     """The context-parallel form `attend` uses for a variant at this shard length."""
     form = FORMS.get(name, "gather")
-    if name == "performer" and not causal:
-        form = "kv_state"        # causal: its running key stabiliser is not split (gather)
+    if name == "performer":
+        form = "kv_state"        # causal: the running key stabiliser from the earlier shards
     if hparams.get("dropout_rate", 0.0) > 0:
         return "gather"          # dropout on attention weights: the variant's own draw
     if form == "halo" and int(hparams.get("window", 0)) > shard_len:
@@ -225,6 +229,9 @@ def _features(name, q, k, keep, arrays, static, axis):
 
 
 def _kv_state_local(q, k, v, mask, arrays, *, name, causal, axis, shards, static):
+    if name == "performer" and causal and static["feature_map"] != "relu":
+        return _performer_causal_local(q, k, v, mask, arrays, axis=axis, shards=shards,
+                                       static=static)
     keep = mask[:, None, :, None]
     qf, kf = _features(name, q, k, keep, arrays, static, axis)
     vt = jnp.swapaxes(v, 1, 2).astype(jnp.float32)
@@ -255,6 +262,78 @@ def _causal_kernel(qf, kf, v1, prefix, chunk):
     scores = jnp.einsum("bhncm,bhnkm->bhnck", qc, kc) * jnp.tril(jnp.ones((c, c)))
     intra = jnp.einsum("bhnck,bhnkf->bhncf", scores, vc)
     return (inter + intra).reshape(b, h, n, -1)
+
+
+def _performer_causal_local(q, k, v, mask, arrays, *, axis, shards, static):
+    """Causal performer (favor+, exp) on one shard, the numbers of attention/_linearized.py's
+    causal k_log scan: key j enters query i as exp(log phi(k_j) - ref_i) + 1e-6, ref_i the max
+    of the real keys' logs at positions <= i over the WHOLE sequence. ref is per position (a
+    running max; chunk boundaries only order the sums), and a max is exact, so the split ref is
+    the one-device ref bit for bit: the max of the earlier shards' key maxima (all_gather of
+    [B, H] per shard), then this shard's running max on top. Chunk states are kept against their
+    chunk's last ref and scanned as on one device; each shard's total (against its last ref) and
+    its plain sum of [v, 1] (the 1e-6 term) are all_gathered and the earlier shards' totals,
+    rescaled by exp(end_s - ref_before) <= 1, are the prefix every chunk here starts from."""
+    w = arrays["projection"].astype(jnp.float32)
+    if static["feature_map"] != "exp":
+        w = jax.lax.stop_gradient(w)
+    b, n, h, _ = q.shape
+    c = min(int(static["chunk_size"]), n)
+    pad = -(-n // c) * c - n
+    nc = (n + pad) // c
+    keep = mask[:, None, :, None]                                      # [B, 1, n, 1]
+    qt, kt = (jnp.swapaxes(x, 1, 2) for x in (q, k))                   # [B, H, n, D]
+    lk = jnp.where(keep, performer._log_features(kt, w), NEG_INF)      # [B, H, n, M]
+    vt = jnp.where(keep, jnp.swapaxes(v, 1, 2).astype(jnp.float32), 0.0)
+    v1 = jnp.concatenate([vt, jnp.broadcast_to(keep, vt.shape[:-1] + (1,)).astype(
+        jnp.float32)], -1)                                             # [v, 1], padding 0
+    qf = performer.query_features(qt, w)
+
+    def chunks(x, fill=0.0):  # [B, H, n, F] -> [B, H, nc, c, F]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=fill)
+        return x.reshape(b, h, nc, c, x.shape[-1])
+    qc, lkc, vc = chunks(qf), chunks(lk, NEG_INF), chunks(v1)
+    here = jax.lax.axis_index(axis)
+    before = jnp.arange(shards) < here                                 # [s]
+    run = jax.lax.stop_gradient(jax.lax.cummax(jnp.max(lkc, -1).reshape(b, h, nc * c), axis=2))
+    maxima = jax.lax.all_gather(run[..., -1], axis)                    # [s, B, H]
+    ref_in = jnp.max(jnp.where(before[:, None, None], maxima, NEG_INF), axis=0)   # [B, H]
+    ref = jnp.maximum(run, ref_in[..., None]).reshape(b, h, nc, c)     # one device's ref
+    end = ref[..., -1]                                                 # [B, H, nc]
+    kin = jnp.where(vc[..., -1:] > 0, jnp.exp(lkc - ref[..., None]), 0.0)  # <= 1; padding 0
+    kst = kin * jnp.exp(ref - end[..., None])[..., None]               # against the chunk end
+    sums = jnp.einsum("bhnck,bhncf->bhnkf", kst, vc)                   # [B, H, nc, M, F]
+
+    def combine(x, y):
+        mx = jnp.maximum(x[0], y[0])
+        return mx, (x[1] * jnp.exp(x[0] - mx)[..., None, None]
+                    + y[1] * jnp.exp(y[0] - mx)[..., None, None])
+    mp, sp = jax.lax.associative_scan(combine, (end, sums), axis=2)    # inclusive, this shard
+    every_end, every_sum, every_v1 = jax.lax.all_gather(
+        (mp[..., -1], sp[:, :, -1], jnp.sum(v1, axis=2)), axis)        # [s, B, H, ...]
+    scale = jnp.where(before[:, None, None],
+                      jnp.exp(jnp.minimum(every_end - ref_in, 0.0)), 0.0)       # [s, B, H]
+    prefix = jnp.einsum("sbh,sbhmf->bhmf", scale, every_sum)           # against ref_in
+    v1_in = jnp.einsum("s,sbhf->bhf", before.astype(jnp.float32), every_v1)
+    # exclusive over chunks, the earlier shards' prefix first
+    mp = jnp.concatenate([jnp.full_like(mp[:, :, :1], NEG_INF), mp[:, :, :-1]], axis=2)
+    sp = jnp.concatenate([jnp.zeros_like(sp[:, :, :1]), sp[:, :, :-1]], axis=2)
+    mp, sp = combine((ref_in[..., None], prefix[:, :, None]), (mp, sp))
+    a_prev = jnp.exp(mp[..., None] - ref)                              # [B, H, nc, c] <= 1
+    tril = jnp.tril(jnp.ones((c, c), bool))
+    pair = jnp.where(tril, jnp.exp(jnp.minimum(ref[..., None, :] - ref[..., :, None], 0.0)),
+                     0.0)                                              # [.., c(q), c(k)]
+    scores = jnp.einsum("bhnqm,bhnkm->bhnqk", qc, kin) * pair
+    out = (a_prev[..., None] * jnp.einsum("bhnqm,bhnmf->bhnqf", qc, sp)
+           + jnp.einsum("bhnqk,bhnkf->bhnqf", scores, vc))
+    # + 1e-6 on every visible key feature: 1e-6 phi(q_i) . 1 times the prefix sum of [v, 1]
+    seen = (jnp.cumsum(vc.reshape(b, h, nc * c, -1), axis=2) + v1_in[:, :, None]).reshape(
+        vc.shape)
+    out = out + performer.NUMERICAL_STABILIZER * jnp.sum(qc, -1, keepdims=True) * seen
+    out = out.reshape(b, h, nc * c, -1)[:, :, :n]
+    num, den = out[..., :-1], out[..., -1]
+    out = jnp.where((den > 0)[..., None], num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 
 # --- gather -------------------------------------------------------------------------------------
