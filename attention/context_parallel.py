@@ -215,13 +215,12 @@ def _features(name, q, k, keep, arrays, static, axis):
     qt, kt = (jnp.swapaxes(x, 1, 2) for x in (q, k))                  # [B, H, n, D]
     if name == "linear":
         return elu_feature(qt), jnp.where(keep, elu_feature(kt), 0.0)
-    w = arrays["projection"].astype(jnp.float32)
+    w = performer.feature_weights(arrays.get("projection"), static["num_features"],
+                                  static["feature_map"], q.shape[-1])
     if static["feature_map"] == "relu":
         phi = lambda x: jax.nn.relu(jnp.einsum(  # noqa: E731
             "bhtd,md->bhtm", x.astype(jnp.float32) * x.shape[-1] ** -0.25, w)) + 1e-3
         return phi(qt), jnp.where(keep, phi(kt), 0.0)
-    if static["feature_map"] != "exp":
-        w = jax.lax.stop_gradient(w)
     lk = jnp.where(keep, performer._log_features(kt, w), NEG_INF)
     mx = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(lk, axis=(2, 3), keepdims=True)), axis)
     kf = jnp.where(keep, jnp.exp(lk - mx) + performer.NUMERICAL_STABILIZER, 0.0)
@@ -274,9 +273,8 @@ def _performer_causal_local(q, k, v, mask, arrays, *, axis, shards, static):
     chunk's last ref and scanned as on one device; each shard's total (against its last ref) and
     its plain sum of [v, 1] (the 1e-6 term) are all_gathered and the earlier shards' totals,
     rescaled by exp(end_s - ref_before) <= 1, are the prefix every chunk here starts from."""
-    w = arrays["projection"].astype(jnp.float32)
-    if static["feature_map"] != "exp":
-        w = jax.lax.stop_gradient(w)
+    w = performer.feature_weights(arrays.get("projection"), static["num_features"],
+                                  static["feature_map"], q.shape[-1])
     b, n, h, _ = q.shape
     c = min(int(static["chunk_size"]), n)
     pad = -(-n // c) * c - n

@@ -39,6 +39,9 @@ def cost(name: str, n: int, shards: int, causal: bool) -> dict:
 
     mesh = Mesh(np.asarray(jax.devices()[:shards]).reshape(1, shards), ("data", "seq"))
     hp = attention.hparams_for(name)
+    state = attention.get(name).init_state(jax.random.key(0), q_len=n, kv_len=n,
+                                           num_heads=HEADS, head_dim=HEAD_DIM, **hp)
+    hp = {**hp, **state["params"], **state["buffers"]}   # e.g. the performer's projection
 
     def step(q, k, v, ct):
         def loss(q, k, v):
