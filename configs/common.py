@@ -69,6 +69,11 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c.model.recurrence = "none"
     c.model.segment_len = 0          # xl: tokens per segment (>= 1)
     c.model.mem_len = 0              # xl: cached states per layer (0 = segments independent)
+    # "compressive" (Compressive Transformer): XL plus a compressed memory of cmem_len slots per
+    # layer; the states leaving the memory are mean-pooled in groups of compression_rate.
+    c.model.cmem_len = 0
+    c.model.compression_rate = 2
+    c.model.compression = "mean"     # the only compression function implemented
 
     c.attention = attention_config(variant, task)
 

@@ -66,6 +66,7 @@ def get_config(arg=None):
     # segment per layer (used only when --config.model.recurrence=xl).
     c.model.segment_len = max(1, c.data.max_len // 4)
     c.model.mem_len = c.model.segment_len
+    c.model.cmem_len = c.model.segment_len // 2     # recurrence="compressive": rate 2
     return c
 
 

@@ -414,14 +414,14 @@ def check_global_tokens(num_global: int, attention_name: str) -> None:
             f"got attention.name={attention_name!r}")
 
 
-RECURRENCES = ("none", "xl")
+RECURRENCES = ("none", "xl", "compressive")
 
 
 def make_encoder(**kwargs):
     """Encoder, or the segment-recurrent XLEncoder (models/recurrent.py) when
     model.recurrence == "xl"; same interface (states, __call__, num_prefix)."""
     recurrence = dict(kwargs["model"]).get("recurrence", "none")
-    if recurrence == "xl":
+    if recurrence in ("xl", "compressive"):
         from models.recurrent import XLEncoder
         return XLEncoder(**kwargs)
     if recurrence != "none":

@@ -128,9 +128,29 @@ class XLBlock(nnx.Module):
         return h + self.ffn_branch(h, train=train, rngs=rngs)
 
 
+def compress_mean(states, mask, rate: int):
+    """The Compressive Transformer's mean-pooling compression: [B, N, E] states, mask [B, N]
+    -> ([B, N / rate, E] means of each group of `rate` consecutive real states, [B, N / rate]
+    True where the group has one)."""
+    b, n, e = states.shape
+    w = mask.reshape(b, n // rate, rate).astype(states.dtype)
+    groups = states.reshape(b, n // rate, rate, e)
+    total = jnp.sum(groups * w[..., None], axis=2)
+    return total / jnp.maximum(w.sum(-1), 1.0)[..., None], mask.reshape(b, n // rate, rate).any(-1)
+
+
 def check_xl(model: Mapping[str, Any], attention_name: str) -> None:
     """ValueError for a combination the XL encoder does not support."""
     m = dict(model)
+    if m.get("recurrence") == "compressive":
+        rate, seg = int(m.get("compression_rate", 1)), int(m.get("segment_len", 0))
+        if rate < 1 or (seg >= 1 and seg % rate):
+            raise ValueError(f"model.recurrence='compressive' needs model.compression_rate >= 1 "
+                             f"dividing model.segment_len; got compression_rate={rate}, "
+                             f"segment_len={seg}")
+        if m.get("compression", "mean") != "mean":
+            raise ValueError(f"model.compression must be 'mean' (the only compression "
+                             f"function implemented); got {m.get('compression')!r}")
     if attention_name != "dense":
         raise ValueError(
             f"model.recurrence='xl' computes its own within-segment attention (dense over "
@@ -165,6 +185,10 @@ class XLEncoder(nnx.Module):
         self.max_len = max_len
         self.segment_len = int(m["segment_len"])
         self.mem_len = int(m["mem_len"])
+        self.recurrence = m.get("recurrence", "xl")
+        compressive = self.recurrence == "compressive"
+        self.cmem_len = int(m.get("cmem_len", 0)) if compressive else 0
+        self.compression_rate = int(m.get("compression_rate", 1)) if compressive else 1
         emb = m["emb_dim"]
         self.emb_dim = emb
         self.embed = nnx.Embed(vocab_size, emb, rngs=rngs)
@@ -185,22 +209,55 @@ class XLEncoder(nnx.Module):
         return (jnp.sum(x.astype(jnp.float32) * w, axis=1) / jnp.maximum(w.sum(axis=1), 1.0))
 
     def initial_memory(self, batch: int):
-        """Empty memory: per layer [B, mem_len, E] zeros, and its mask [B, mem_len] (False)."""
-        zeros = jnp.zeros((batch, self.mem_len, self.emb_dim), self.dtype)
-        return [zeros] * len(self.blocks), jnp.zeros((batch, self.mem_len), bool)
+        """Empty memory (mems, mem_mask, cmems, cmem_mask): per layer [B, mem_len, E] and
+        [B, cmem_len, E] zeros, masks [B, mem_len] / [B, cmem_len] all False."""
+        e = self.emb_dim
+        mem = jnp.zeros((batch, self.mem_len, e), self.dtype)
+        cmem = jnp.zeros((batch, self.cmem_len, e), self.dtype)
+        n = len(self.blocks)
+        return ([mem] * n, jnp.zeros((batch, self.mem_len), bool), [cmem] * n,
+                jnp.zeros((batch, self.cmem_len), bool))
 
-    def segment(self, x, mask, mems, mem_mask, *, train=False, rngs=None):
-        """One segment: x [B, S, E] embedded, mask [B, S], mems / mem_mask as initial_memory
-        returns -> (out [B, S, E] before the final LayerNorm, new mems, new mem_mask)."""
+    def segment(self, x, mask, memory, *, train=False, rngs=None):
+        """One segment: x [B, S, E] embedded, mask [B, S], memory as initial_memory returns
+        -> (out [B, S, E] before the final LayerNorm, the memory after the segment). Each
+        layer attends over [compressed memory; memory; segment]."""
+        mems, mem_mask, cmems, cmem_mask = memory
+        kv_mask = jnp.concatenate([cmem_mask, mem_mask], axis=1)
         inputs = []
-        for blk, mem in zip(self.blocks, mems):
+        for blk, mem, cmem in zip(self.blocks, mems, cmems):
             inputs.append(x)
-            x = blk(x, mem, mask, mem_mask, train=train, rngs=rngs)
-        if self.mem_len == 0:
-            return x, mems, mem_mask
-        keep = lambda old, new: jnp.concatenate([old, new], axis=1)[:, -self.mem_len:]  # noqa: E731
-        new_mems = [jax.lax.stop_gradient(keep(mem, h)) for mem, h in zip(mems, inputs)]
-        return x, new_mems, keep(mem_mask, mask)
+            x = blk(x, jnp.concatenate([cmem, mem], axis=1), mask, kv_mask, train=train,
+                    rngs=rngs)
+        return x, self.update_memory(memory, inputs, mask)
+
+    def update_memory(self, memory, inputs, mask):
+        """Each layer's inputs of the segment enter its memory (FIFO of mem_len); the states
+        that leave it (the oldest segment_len) are compressed by compression_rate (mean of
+        each group of rate consecutive states, over the real ones; a slot is real when one of
+        its states is) into the compressed memory (FIFO of cmem_len), or dropped (XL). Every
+        memory has its gradient stopped."""
+        mems, mem_mask, cmems, cmem_mask = memory
+        m, cm = self.mem_len, self.cmem_len
+        full_mask = jnp.concatenate([mem_mask, mask], axis=1)
+        new_mems, new_cmems = [], []
+        out_mask = full_mask[:, full_mask.shape[1] - m:]
+        if cm:
+            gone_mask = full_mask[:, :full_mask.shape[1] - m]
+            comp_mask = None
+        for mem, cmem, h in zip(mems, cmems, inputs):
+            full = jnp.concatenate([mem, h], axis=1)
+            new_mems.append(jax.lax.stop_gradient(full[:, full.shape[1] - m:]))
+            if cm:
+                comp, comp_mask = compress_mean(full[:, :full.shape[1] - m], gone_mask,
+                                                self.compression_rate)
+                new_cmems.append(jax.lax.stop_gradient(
+                    jnp.concatenate([cmem, comp], axis=1)[:, -cm:]))
+            else:
+                new_cmems.append(cmem)
+        if cm:
+            cmem_mask = jnp.concatenate([cmem_mask, comp_mask], axis=1)[:, -cm:]
+        return new_mems, out_mask, new_cmems, cmem_mask
 
     def states(self, tokens, mask, *, train: bool = False, rngs: nnx.Rngs | None = None,
                replace=None, replacement=None):
@@ -216,11 +273,10 @@ class XLEncoder(nnx.Module):
         n = -(-t // s)
         x = jnp.pad(x, ((0, 0), (0, n * s - t), (0, 0)))
         padded = jnp.pad(mask, ((0, 0), (0, n * s - t)))
-        mems, mem_mask = self.initial_memory(b)
+        memory = self.initial_memory(b)
         outs = []
         for i in range(n):
-            y, mems, mem_mask = self.segment(x[:, i * s:(i + 1) * s],
-                                             padded[:, i * s:(i + 1) * s], mems, mem_mask,
-                                             train=train, rngs=rngs)
+            y, memory = self.segment(x[:, i * s:(i + 1) * s], padded[:, i * s:(i + 1) * s],
+                                     memory, train=train, rngs=rngs)
             outs.append(y)
         return self.norm(jnp.concatenate(outs, axis=1)[:, :t]), mask

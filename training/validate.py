@@ -72,7 +72,10 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.reversible": boolean,
     "model.ffn_chunks": integer(1),
     "model.num_global_tokens": integer(0),
-    "model.recurrence": choice("none", "xl"),
+    "model.recurrence": choice("none", "xl", "compressive"),
+    "model.cmem_len": integer(0),
+    "model.compression_rate": integer(1),
+    "model.compression": choice("mean"),
     "model.segment_len": integer(0),
     "model.mem_len": integer(0),
     "attention.impl": choice("xla", "pallas", "auto"),
@@ -182,8 +185,13 @@ def _relations(config) -> list[str]:
     if m.get("remat") is True and m.get("reversible") is True:
         out.append("model.remat=True with model.reversible=True: reversible layers already "
                     "recompute in the backward pass; set one of them")
-    if m.get("recurrence") == "xl":
+    if m.get("recurrence") in ("xl", "compressive"):
         out += _xl_relations(config)
+    rate, seg = m.get("compression_rate"), m.get("segment_len")
+    if m.get("recurrence") == "compressive" and _is_int(rate) and _is_int(seg) and rate >= 1 \
+            and seg >= 1 and seg % rate:
+        out.append(f"model.recurrence='compressive': model.compression_rate={rate} must divide "
+                   f"model.segment_len={seg}")
     g, name = m.get("num_global_tokens"), _get(config, "attention.name")
     if _is_int(g) and g > 0 and name is not _MISSING and name not in ("longformer",):
         out.append(f"model.num_global_tokens={g} (ETC global tokens) needs attention.name="
