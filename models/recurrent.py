@@ -1,4 +1,5 @@
-"""Segment-level recurrence: Transformer-XL (Dai et al., 2019), model.recurrence = "xl".
+"""Segment-level recurrence: Transformer-XL (Dai et al., 2019), model.recurrence = "xl", and
+the Compressive Transformer's memory (Rae et al., 2020), model.recurrence = "compressive".
 
 A sequence of T tokens is read in segments of model.segment_len tokens, in order. Every layer n
 attends over [memory of layer n; current segment], where the memory holds the inputs of layer n
@@ -23,6 +24,14 @@ registered variant's function has no place for them); model.recurrence="xl" with
 attention.name other than "dense" is refused (ValueError here, ConfigError in
 training/validate.py). Not combined with model.remat / model.reversible (refused); pooling must
 be "mean" (no CLS prefix in a segmented stream); model.ffn_chunks works as in the encoder.
+
+Compressive (partial): every layer also keeps a compressed memory of model.cmem_len slots and
+attends over [compressed memory; memory; segment] (relative distances counted over that
+concatenation, one position per slot). The segment_len states that leave the memory after a
+segment are compressed by model.compression_rate (which must divide segment_len) with the
+paper's mean pooling (over the real states of each group) and enter the compressed memory,
+whose oldest slots are dropped. Not implemented: the paper's strided-convolution compression
+and its attention-reconstruction loss (a mean pool has no parameters to train).
 """
 
 from __future__ import annotations
