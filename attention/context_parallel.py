@@ -23,7 +23,7 @@ A length that the split does not divide is padded at the end and masked. The for
   exclusive prefix over the shards before this one plus a chunked scan inside. The causal
   performer (favor+, exp) keeps one device's stabiliser, the running max of the real keys' log
   features up to each position: the earlier shards' maxima (all_gather) under this shard's
-  running max give the same ref bit for bit (a max is exact; ref is per position, so shard and
+  running max give one device's ref (a max adds no rounding; ref is per position, so shard and
   chunk boundaries need not align); each shard's state against its last ref is all_gathered and
   the earlier ones, rescaled to this shard's incoming max (weights <= 1), start its scan.
 - gather (every other variant, and dropout on attention weights): all-gather q, k, v and the
@@ -267,8 +267,8 @@ def _performer_causal_local(q, k, v, mask, arrays, *, axis, shards, static):
     """Causal performer (favor+, exp) on one shard, the numbers of attention/_linearized.py's
     causal k_log scan: key j enters query i as exp(log phi(k_j) - ref_i) + 1e-6, ref_i the max
     of the real keys' logs at positions <= i over the WHOLE sequence. ref is per position (a
-    running max; chunk boundaries only order the sums), and a max is exact, so the split ref is
-    the one-device ref bit for bit: the max of the earlier shards' key maxima (all_gather of
+    running max; chunk boundaries only order the sums), and a max adds no rounding, so the split
+    ref is the one-device ref: the max of the earlier shards' key maxima (all_gather of
     [B, H] per shard), then this shard's running max on top. Chunk states are kept against their
     chunk's last ref and scanned as on one device; each shard's total (against its last ref) and
     its plain sum of [v, 1] (the 1e-6 term) are all_gathered and the earlier shards' totals,
