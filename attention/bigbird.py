@@ -67,16 +67,11 @@ def _draw_layout(key, preferred, num_heads: int, r: int):
     return layout.astype(jnp.int32)
 
 
-@register(
-    NAME,
-    hparams={"block_size": Int(64, min=1), "num_window_blocks": Int(3, min=1),
-             "num_global_blocks": Int(2, min=0), "num_random_blocks": Int(3, min=0)},
-    supports_causal=True,
-    complexity="O(n)",
-    doc="BigBird: window + global + random key blocks per query block (Zaheer et al. 2020)",
-    init_state=init_bigbird,
-    supports_dropout=True,
-)
+@register(NAME, supports_causal=True, complexity="O(n)", init_state=init_bigbird,
+          supports_dropout=True,
+          hparams={"block_size": Int(64, min=1), "num_window_blocks": Int(3, min=1),
+                   "num_global_blocks": Int(2, min=0), "num_random_blocks": Int(3, min=0)},
+          doc="BigBird: window + global + random key blocks per query block (Zaheer et al. 2020)")
 def bigbird_attention(q, k, v, *, kv_mask=None, causal=False, block_size, num_window_blocks,
                       num_global_blocks, num_random_blocks, random_layout=None,
                       dropout_rate=0.0, dropout_rng=None):

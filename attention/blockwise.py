@@ -118,14 +118,10 @@ def _flash_bwd(causal, c, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-@register(
-    "blockwise",
-    hparams={"chunk_size": Int(128, min=1)},
-    supports_causal=True,
-    complexity="O(n^2)",
-    doc="Exact softmax attention over key chunks with online max/sum and a recomputing "
-        "backward (Rabe & Staats 2021; FlashAttention); memory O(n * chunk_size)",
-)
+@register("blockwise", supports_causal=True, complexity="O(n^2)",
+          hparams={"chunk_size": Int(128, min=1)},
+          doc="Exact softmax attention over key chunks with online max/sum and a recomputing "
+              "backward (Rabe & Staats 2021; FlashAttention); memory O(n * chunk_size)")
 def blockwise_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv]."""
     check_qkv("blockwise", q, k, v, kv_mask)

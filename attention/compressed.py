@@ -35,10 +35,9 @@ def init_state(key, *, q_len, kv_len, num_heads, head_dim, compression):
             "buffers": {}}
 
 
-@register(NAME, hparams={"compression": Int(4, min=1, sqrt=True)}, supports_causal=True,
-          complexity="O(n^2/s)",
-          doc="Liu et al. 2018: keys/values compressed by a learned strided convolution",
-          init_state=init_state)
+@register(NAME, supports_causal=True, complexity="O(n^2/s)", init_state=init_state,
+          hparams={"compression": Int(4, min=1, sqrt=True)},
+          doc="Liu et al. 2018: keys/values compressed by a learned strided convolution")
 def compressed_attention(q, k, v, *, kv_mask=None, causal=False, compression, conv_k=None,
                          conv_v=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; conv_k, conv_v [H, c, D, D] -> [B, Tq, H, Dv]."""

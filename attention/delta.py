@@ -167,10 +167,10 @@ def init_state_gated(key, *, q_len, kv_len, num_heads, head_dim, chunk_size, out
 HPARAMS = {"chunk_size": Int(64, min=1), "output_norm": Flag(True)}
 
 
-@register("deltanet", hparams=HPARAMS, supports_causal=True, complexity="O(n)",
+@register("deltanet", supports_causal=True, complexity="O(n)", init_state=init_state,
+          hparams=HPARAMS,
           doc="Schlag et al. 2021 / Yang et al. 2024 (DeltaNet): delta-rule state, chunkwise "
-              "WY form; beta from k; causal=False is a forward + backward recurrence",
-          init_state=init_state)
+              "WY form; beta from k; causal=False is a forward + backward recurrence")
 def deltanet_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size, output_norm,
                        beta_proj=None, beta_bias=None):
     """q, k, v: [B, T, H, D]; kv_mask: bool [B, T]. -> [B, T, H, Dv]."""
@@ -178,10 +178,10 @@ def deltanet_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size, outpu
                    {"beta_proj": beta_proj, "beta_bias": beta_bias})
 
 
-@register("gated_deltanet", hparams=HPARAMS, supports_causal=True, complexity="O(n)",
+@register("gated_deltanet", supports_causal=True, complexity="O(n)", init_state=init_state_gated,
+          hparams=HPARAMS,
           doc="Yang et al. 2025 (Gated DeltaNet): delta rule with a scalar decay gate, "
-              "chunkwise; gates from k; causal=False is a forward + backward recurrence",
-          init_state=init_state_gated)
+              "chunkwise; gates from k; causal=False is a forward + backward recurrence")
 def gated_deltanet_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size, output_norm,
                              beta_proj=None, beta_bias=None, decay_proj=None, decay_bias=None,
                              decay_log_rate=None):

@@ -8,14 +8,9 @@ from attention import register
 from attention._util import check_causal, check_qkv, dropout, masked_softmax, scale
 
 
-@register(
-    "dense",
-    hparams={},
-    supports_causal=True,
-    complexity="O(n^2)",
-    doc="Vaswani et al. 2017: full softmax attention, the quadratic reference",
-    supports_dropout=True,
-)
+@register("dense", supports_causal=True, complexity="O(n^2)", supports_dropout=True,
+          hparams={},
+          doc="Vaswani et al. 2017: full softmax attention, the quadratic reference")
 def dense_attention(q, k, v, *, kv_mask=None, causal=False, dropout_rate=0.0, dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv]."""
     check_qkv("dense", q, k, v, kv_mask)

@@ -56,15 +56,10 @@ def init_state(key, *, q_len, kv_len, num_heads, head_dim, lambda_init, head_nor
                        for n, kk in zip(names, keys)}, "buffers": {}}
 
 
-@register(
-    NAME,
-    hparams={"lambda_init": Float(0.8, lo=0.0, hi=1.0), "head_norm": Flag(True)},
-    supports_causal=True,
-    complexity="O(n^2)",
-    doc="Ye et al. 2024 (Differential Transformer): (softmax1 - lambda softmax2) V on halves of "
-        "q, k; learned lambda, per-head RMS norm",
-    init_state=init_state,
-)
+@register(NAME, supports_causal=True, complexity="O(n^2)", init_state=init_state,
+          hparams={"lambda_init": Float(0.8, lo=0.0, hi=1.0), "head_norm": Flag(True)},
+          doc="Ye et al. 2024 (Differential Transformer): (softmax1 - lambda softmax2) V on "
+              "halves of q, k; learned lambda, per-head RMS norm")
 def diff_attention(q, k, v, *, kv_mask=None, causal=False, lambda_init, head_norm,
                    lambda_q1=None, lambda_k1=None, lambda_q2=None, lambda_k2=None):
     """q, k: [B, T, H, D] (D even); v: [B, Tk, H, Dv]; kv_mask: bool [B, Tk] -> [B, Tq, H, Dv]."""

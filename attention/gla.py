@@ -118,16 +118,11 @@ def init_state(key, *, q_len, kv_len, num_heads, head_dim, chunk_size, gate_rank
                        "gate_bias": jnp.zeros((num_heads, head_dim))}, "buffers": {}}
 
 
-@register(
-    NAME,
-    hparams={"chunk_size": Int(16, min=1), "gate_rank": Int(16, min=1),
-             "gate_temperature": Float(16.0, lo=1e-3), "output_norm": Flag(True)},
-    supports_causal=True,
-    complexity="O(n)",
-    doc="Yang et al. 2024 (GLA): linear attention with per-channel data-dependent decay, "
-        "chunkwise; gate from k; causal=False is a forward + backward recurrence",
-    init_state=init_state,
-)
+@register(NAME, supports_causal=True, complexity="O(n)", init_state=init_state,
+          hparams={"chunk_size": Int(16, min=1), "gate_rank": Int(16, min=1),
+                   "gate_temperature": Float(16.0, lo=1e-3), "output_norm": Flag(True)},
+          doc="Yang et al. 2024 (GLA): linear attention with per-channel data-dependent decay, "
+              "chunkwise; gate from k; causal=False is a forward + backward recurrence")
 def gla_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size, gate_rank,
                   gate_temperature, output_norm, gate_down=None, gate_up=None, gate_bias=None):
     """q, k, v: [B, T, H, D]; kv_mask: bool [B, T]. -> [B, T, H, Dv]."""

@@ -63,17 +63,13 @@ def _prefix_group(kh, vh, kvm, keep, pos_q, num_prefix, causal):
             pair_mask(keep, pos_q, np.arange(num_prefix), kvm[:, :num_prefix], causal))
 
 
-@register(
-    "axial",
-    hparams={"shape": Shape((32, 32)), "axis": Choice(1, options=(0, 1)),
-             "num_prefix": Int(0, min=0)},
-    supports_causal=True,
-    complexity="O(n sqrt n)",
-    doc="Axial attention: same row (axis=1) or same column (axis=0) of a rows x cols grid "
-        "(Ho et al. 2019)",
-    supports_dropout=True,
-    model_supplies={"shape": "grid_shape", "num_prefix": "num_prefix", "axis": "layer_parity"},
-)
+@register("axial", supports_causal=True, complexity="O(n sqrt n)", supports_dropout=True,
+          hparams={"shape": Shape((32, 32)), "axis": Choice(1, options=(0, 1)),
+                   "num_prefix": Int(0, min=0)},
+          model_supplies={"shape": "grid_shape", "num_prefix": "num_prefix",
+                          "axis": "layer_parity"},
+          doc="Axial attention: same row (axis=1) or same column (axis=0) of a rows x cols grid "
+              "(Ho et al. 2019)")
 def axial_attention(q, k, v, *, kv_mask=None, causal=False, shape, axis, num_prefix,
                     dropout_rate=0.0, dropout_rng=None):
     """q, k, v: [B, num_prefix + rows * cols, H, D]; kv_mask: bool [B, T]. -> [B, T, H, Dv].
@@ -164,16 +160,11 @@ def _grid_windows(x, axis: int, t: int, w: int, fill):
                      *s[axis + 4:])
 
 
-@register(
-    "local2d",
-    hparams={"shape": Shape((32, 32)), "window": Int(3, min=0), "num_prefix": Int(0, min=0)},
-    supports_causal=True,
-    complexity="O(n)",
-    doc="2D local attention: abs(row_i - row_j) <= window and abs(col_i - col_j) <= window "
-        "on a rows x cols grid (Parmar et al. 2018)",
-    supports_dropout=True,
-    model_supplies={"shape": "grid_shape", "num_prefix": "num_prefix"},
-)
+@register("local2d", supports_causal=True, complexity="O(n)", supports_dropout=True,
+          hparams={"shape": Shape((32, 32)), "window": Int(3, min=0), "num_prefix": Int(0, min=0)},
+          model_supplies={"shape": "grid_shape", "num_prefix": "num_prefix"},
+          doc="2D local attention: abs(row_i - row_j) <= window and abs(col_i - col_j) <= window "
+              "on a rows x cols grid (Parmar et al. 2018)")
 def local2d_attention(q, k, v, *, kv_mask=None, causal=False, shape, window, num_prefix,
                       dropout_rate=0.0, dropout_rng=None):
     """q, k, v: [B, num_prefix + rows * cols, H, D]; kv_mask: bool [B, T]. -> [B, T, H, Dv]."""

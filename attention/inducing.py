@@ -28,10 +28,9 @@ def init_state(key, *, q_len, kv_len, num_heads, head_dim, num_inducing):
             "buffers": {}}
 
 
-@register(NAME, hparams={"num_inducing": Int(32, min=1)}, supports_causal=False,
-          complexity="O(n)",
-          doc="Lee et al. 2019 (Set Transformer ISAB): m learned inducing points in between",
-          init_state=init_state)
+@register(NAME, supports_causal=False, complexity="O(n)", init_state=init_state,
+          hparams={"num_inducing": Int(32, min=1)},
+          doc="Lee et al. 2019 (Set Transformer ISAB): m learned inducing points in between")
 def inducing_attention(q, k, v, *, kv_mask=None, causal=False, num_inducing, inducing=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; inducing [H, m, D] -> [B, Tq, H, Dv]."""
     check_qkv(NAME, q, k, v, kv_mask)

@@ -21,8 +21,8 @@ def elu_feature(x):
     return jax.nn.elu(x.astype(jnp.float32)) + 1.0
 
 
-@register(NAME, hparams={"chunk_size": Int(64, min=1)}, supports_causal=True,
-          complexity="O(n)",
+@register(NAME, supports_causal=True, complexity="O(n)",
+          hparams={"chunk_size": Int(64, min=1)},
           doc="Katharopoulos et al. 2020: linear attention, feature map elu(x) + 1")
 def linear_attention(q, k, v, *, kv_mask=None, causal=False, chunk_size):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D] -> [B, Tq, H, Dv]."""

@@ -32,10 +32,9 @@ def init_state(key, *, q_len, kv_len, num_heads, head_dim, proj_dim):
     }
 
 
-@register(NAME, hparams={"proj_dim": Int(256, min=1)}, supports_causal=False,
-          complexity="O(n)",
-          doc="Wang et al. 2020 (Linformer): keys/values projected along length by learned E, F",
-          init_state=init_state)
+@register(NAME, supports_causal=False, complexity="O(n)", init_state=init_state,
+          hparams={"proj_dim": Int(256, min=1)},
+          doc="Wang et al. 2020 (Linformer): keys/values projected along length by learned E, F")
 def linformer_attention(q, k, v, *, kv_mask=None, causal=False, proj_dim, E=None, F=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; E, F: [H, proj_dim, >= Tk] -> [B, Tq, H, Dv]."""
     check_qkv(NAME, q, k, v, kv_mask)

@@ -11,14 +11,9 @@ from attention._banded import band, finish, prepare, unblock
 from attention._blocks import merge, pair_mask, partial_attention
 
 
-@register(
-    "local",
-    hparams={"window": Int(50, min=0)},
-    supports_causal=True,
-    complexity="O(n)",
-    doc="Sliding-window attention abs(i - j) <= window on banded blocks (Parmar et al. 2018)",
-    supports_dropout=True,
-)
+@register("local", supports_causal=True, complexity="O(n)", supports_dropout=True,
+          hparams={"window": Int(50, min=0)},
+          doc="Sliding-window attention abs(i - j) <= window on banded blocks (Parmar et al. 2018)")
 def local_attention(q, k, v, *, kv_mask=None, causal=False, window, dropout_rate=0.0,
                     dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv]."""

@@ -14,15 +14,10 @@ from attention._banded import band, finish, prepare, unblock
 from attention._blocks import dropout_keys, merge, pair_mask, partial_attention
 
 
-@register(
-    "longformer",
-    hparams={"window": Int(256, min=0), "num_global": Int(1, min=0)},
-    supports_causal=True,
-    complexity="O(n)",
-    doc="Longformer: sliding window abs(i - j) <= window + num_global global tokens "
-        "(Beltagy et al. 2020)",
-    supports_dropout=True,
-)
+@register("longformer", supports_causal=True, complexity="O(n)", supports_dropout=True,
+          hparams={"window": Int(256, min=0), "num_global": Int(1, min=0)},
+          doc="Longformer: sliding window abs(i - j) <= window + num_global global tokens "
+              "(Beltagy et al. 2020)")
 def longformer_attention(q, k, v, *, kv_mask=None, causal=False, window, num_global,
                          dropout_rate=0.0, dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv]."""

@@ -65,9 +65,10 @@ def _hash(x, rotations, num_buckets):
     return jnp.argmax(jnp.concatenate([xr, -xr], axis=-1), axis=-1).astype(jnp.int32)
 
 
-@register(NAME, hparams=HPARAMS, supports_causal=True, complexity="O(n log n)",
-          doc="Kitaev et al. 2020 (Reformer): LSH buckets, sorted chunks, merged hash rounds",
-          init_state=init_state, update_buffers=update_buffers, constraint=_buckets_in_pairs)
+@register(NAME, supports_causal=True, complexity="O(n log n)", init_state=init_state,
+          update_buffers=update_buffers, constraint=_buckets_in_pairs,
+          hparams=HPARAMS,
+          doc="Kitaev et al. 2020 (Reformer): LSH buckets, sorted chunks, merged hash rounds")
 def lsh_attention(q, k, v, *, kv_mask=None, causal=False, num_hashes, num_buckets, chunk_size,
                   shared_qk, redraw, redraw_interval, rotations=None, redraw_key=None,
                   redraw_count=None):

@@ -140,16 +140,11 @@ def _run(impl: str, q, k, v, *, kv_mask, causal, variants, member_hparams, state
     return jnp.concatenate(outs, axis=2).astype(v.dtype)
 
 
-@register(
-    NAME,
-    hparams={"variants": Text("local,strided", valid=_syntax),
-             "member_hparams": Text("", valid=_overrides_syntax)},
-    supports_causal=True,
-    complexity="O(n^2/s)",
-    doc="Heads split into equal contiguous groups, one registered pattern per group (Sparse "
-        "Transformer's heads per pattern, Child et al. 2019)",
-    init_state=init_mixture,
-)
+@register(NAME, supports_causal=True, complexity="O(n^2/s)", init_state=init_mixture,
+          hparams={"variants": Text("local,strided", valid=_syntax),
+                   "member_hparams": Text("", valid=_overrides_syntax)},
+          doc="Heads split into equal contiguous groups, one registered pattern per group (Sparse "
+              "Transformer's heads per pattern, Child et al. 2019)")
 def mixture_attention(q, k, v, *, kv_mask=None, causal=False, variants, member_hparams,
                       **state):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; state: the members' prefixed arrays from

@@ -161,14 +161,10 @@ def block_lists(q, k, *, kv_mask, causal, block_size, top_k):
     return own[:, :, :q.shape[1]]
 
 
-@register(
-    NAME,
-    hparams={"block_size": Int(64, min=1), "top_k": Int(3, min=1)},
-    supports_causal=True,
-    complexity="O(n)",
-    doc="MoBA: each query attends to its own key block + the top_k - 1 blocks of highest "
-        "q . mean(k), gathered (Lu et al. 2025)",
-)
+@register(NAME, supports_causal=True, complexity="O(n)",
+          hparams={"block_size": Int(64, min=1), "top_k": Int(3, min=1)},
+          doc="MoBA: each query attends to its own key block + the top_k - 1 blocks of highest "
+              "q . mean(k), gathered (Lu et al. 2025)")
 def moba_attention(q, k, v, *, kv_mask=None, causal=False, block_size, top_k):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv]."""
     own, sel = moba_parts(q, k, v, kv_mask=kv_mask, causal=causal, block_size=block_size,

@@ -112,15 +112,10 @@ def _compressed(qh, kh, vh, kvm, *, causal, block_size):
                                                      mask)]))[:, :, 0]
 
 
-@register(
-    NAME,
-    hparams={"block_size": Int(32, min=1), "top_k": Int(4, min=1), "window": Int(64, min=0)},
-    supports_causal=True,
-    complexity="O(n^2/s)",
-    doc="NSA: compressed block tokens + top_k selected blocks + sliding window, mixed by "
-        "sigmoid gates from q (Yuan et al. 2025)",
-    init_state=init_nsa,
-)
+@register(NAME, supports_causal=True, complexity="O(n^2/s)", init_state=init_nsa,
+          hparams={"block_size": Int(32, min=1), "top_k": Int(4, min=1), "window": Int(64, min=0)},
+          doc="NSA: compressed block tokens + top_k selected blocks + sliding window, mixed by "
+              "sigmoid gates from q (Yuan et al. 2025)")
 def nsa_attention(q, k, v, *, kv_mask=None, causal=False, block_size, top_k, window,
                   gate_w=None, gate_b=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]; gate_w [H, D, 3],

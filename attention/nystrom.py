@@ -44,8 +44,8 @@ def pinv(a, iters: int):
     return z
 
 
-@register(NAME, hparams={"num_landmarks": Int(64, min=1), "pinv_iters": Int(6, min=1)},
-          supports_causal=False, complexity="O(n)",
+@register(NAME, supports_causal=False, complexity="O(n)",
+          hparams={"num_landmarks": Int(64, min=1), "pinv_iters": Int(6, min=1)},
           doc="Xiong et al. 2021 (Nystromformer): segment-mean landmarks, iterative pinv")
 def nystrom_attention(q, k, v, *, kv_mask=None, causal=False, num_landmarks, pinv_iters):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D] -> [B, Tq, H, Dv]."""

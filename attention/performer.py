@@ -108,10 +108,10 @@ def feature_weights(projection, num_features: int, feature_map: str, head_dim: i
     return w if feature_map == "exp" else jax.lax.stop_gradient(w)
 
 
-@register(NAME, hparams=HPARAMS, supports_causal=True, complexity="O(n)",
-          doc="Choromanski et al. 2021 (Performer): FAVOR+ positive orthogonal random features",
-          init_state=init_state, update_buffers=update_buffers,
-          constraint=_redraw_needs_random_features)
+@register(NAME, supports_causal=True, complexity="O(n)", init_state=init_state,
+          update_buffers=update_buffers, constraint=_redraw_needs_random_features,
+          hparams=HPARAMS,
+          doc="Choromanski et al. 2021 (Performer): FAVOR+ positive orthogonal random features")
 def performer_attention(q, k, v, *, kv_mask=None, causal=False, num_features, feature_map,
                         chunk_size, redraw, redraw_interval, projection=None, redraw_key=None,
                         redraw_count=None):

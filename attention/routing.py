@@ -79,9 +79,10 @@ def update_buffers(buffers, q, k, *, kv_mask=None, ema_decay, local_head_fractio
     return {**buffers, "centroids": new}
 
 
-@register(NAME, hparams=HPARAMS, supports_causal=True, complexity="O(n^2/s)",
-          doc="Roy et al. 2021 (Routing Transformer): k-means routed, balanced clusters",
-          init_state=init_state, update_buffers=update_buffers)
+@register(NAME, supports_causal=True, complexity="O(n^2/s)", init_state=init_state,
+          update_buffers=update_buffers,
+          hparams=HPARAMS,
+          doc="Roy et al. 2021 (Routing Transformer): k-means routed, balanced clusters")
 def routing_attention(q, k, v, *, kv_mask=None, causal=False, num_clusters, ema_decay,
                       local_head_fraction, local_window, centroids=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; centroids [H, K, D] -> [B, Tq, H, Dv]."""

@@ -70,9 +70,9 @@ def sinkhorn(logits, mask, iters: int, rows_only: bool = False):
     return jnp.where(mask, jnp.exp(x), 0.0)
 
 
-@register(NAME, hparams=HPARAMS, supports_causal=True, complexity="O(n^2/s)",
-          doc="Tay et al. 2020 (Sparse Sinkhorn): blocks + learned Sinkhorn-sorted block",
-          init_state=init_state)
+@register(NAME, supports_causal=True, complexity="O(n^2/s)", init_state=init_state,
+          hparams=HPARAMS,
+          doc="Tay et al. 2020 (Sparse Sinkhorn): blocks + learned Sinkhorn-sorted block")
 def sinkhorn_attention(q, k, v, *, kv_mask=None, causal=False, block_size, sinkhorn_iters,
                        temperature, sort_w1=None, sort_b1=None, sort_w2=None):
     """q, k, v: [B, T, H, D]; sort net params from init_state -> [B, T, H, Dv]."""

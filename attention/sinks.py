@@ -61,16 +61,12 @@ def sink_partial(sink, like: Partial) -> Partial:
     return Partial(jnp.zeros_like(like.o), m, jnp.ones(shape, jnp.float32))
 
 
-@register(
-    NAME,
-    hparams={"window": Int(50, min=0), "num_sink": Int(4, min=0), "learned_sink": Flag(False)},
-    supports_causal=True,
-    complexity="O(n)",
-    doc="Sliding window abs(i - j) <= window + the first num_sink positions as attention sinks, "
-        "optional learned per-head sink logit (StreamingLLM, Xiao et al. 2024)",
-    init_state=init_sink,
-    supports_dropout=True,
-)
+@register(NAME, supports_causal=True, complexity="O(n)", init_state=init_sink,
+          supports_dropout=True,
+          hparams={"window": Int(50, min=0), "num_sink": Int(4, min=0),
+                   "learned_sink": Flag(False)},
+          doc="Sliding window abs(i - j) <= window + the first num_sink positions as attention "
+              "sinks, optional learned per-head sink logit (StreamingLLM, Xiao et al. 2024)")
 def sliding_sink_attention(q, k, v, *, kv_mask=None, causal=False, window, num_sink,
                            learned_sink, sink=None, dropout_rate=0.0, dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]; sink: [H] when

@@ -20,15 +20,10 @@ from attention._blocks import (
 from attention._util import check_qkv, or_sqrt
 
 
-@register(
-    "sparse",
-    hparams={"window": Int(32, min=0, sqrt=True), "stride": Int(64, min=1, sqrt=True)},
-    supports_causal=True,
-    complexity="O(n^2/s)",
-    doc="Sparse Transformer strided pattern: local window | (i - j) mod stride == 0 in one "
-        "softmax (Child et al. 2019)",
-    supports_dropout=True,
-)
+@register("sparse", supports_causal=True, complexity="O(n^2/s)", supports_dropout=True,
+          hparams={"window": Int(32, min=0, sqrt=True), "stride": Int(64, min=1, sqrt=True)},
+          doc="Sparse Transformer strided pattern: local window | (i - j) mod stride == 0 in one "
+              "softmax (Child et al. 2019)")
 def sparse_attention(q, k, v, *, kv_mask=None, causal=False, window, stride,
                      dropout_rate=0.0, dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv].
@@ -60,16 +55,11 @@ def _summary_in_block(block_size, summary):
     return None
 
 
-@register(
-    "sparse_fixed",
-    hparams={"block_size": Int(128, min=1), "summary": Int(32, min=0)},
-    supports_causal=True,
-    complexity="O(n^2/s)",
-    doc="Sparse Transformer fixed pattern: own block | last `summary` positions of every "
-        "block (Child et al. 2019)",
-    supports_dropout=True,
-    constraint=lambda hp: _summary_in_block(**hp),
-)
+@register("sparse_fixed", supports_causal=True, complexity="O(n^2/s)", supports_dropout=True,
+          constraint=lambda hp: _summary_in_block(**hp),
+          hparams={"block_size": Int(128, min=1), "summary": Int(32, min=0)},
+          doc="Sparse Transformer fixed pattern: own block | last `summary` positions of every "
+              "block (Child et al. 2019)")
 def sparse_fixed_attention(q, k, v, *, kv_mask=None, causal=False, block_size, summary,
                            dropout_rate=0.0, dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv]."""

@@ -11,15 +11,10 @@ from attention._blocks import merge
 from attention._util import check_qkv, or_sqrt
 
 
-@register(
-    "strided",
-    hparams={"stride": Int(64, min=1, sqrt=True)},
-    supports_causal=True,
-    complexity="O(n^2/s)",
-    doc="Strided (atrous) attention (i - j) mod stride == 0 by residue-class reshape "
-        "(Child et al. 2019)",
-    supports_dropout=True,
-)
+@register("strided", supports_causal=True, complexity="O(n^2/s)", supports_dropout=True,
+          hparams={"stride": Int(64, min=1, sqrt=True)},
+          doc="Strided (atrous) attention (i - j) mod stride == 0 by residue-class reshape "
+              "(Child et al. 2019)")
 def strided_attention(q, k, v, *, kv_mask=None, causal=False, stride, dropout_rate=0.0,
                       dropout_rng=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; kv_mask: bool [B, Tk]. -> [B, Tq, H, Dv].

@@ -52,10 +52,9 @@ def init_dense(key, *, q_len, kv_len, num_heads, head_dim, hidden_dim):
     }
 
 
-@register(DENSE, hparams={"hidden_dim": Int(64, min=1)}, supports_causal=True,
-          complexity="O(n^2)",
-          doc="Tay et al. 2021 (Synthesizer, dense): logits from an MLP of each query token",
-          init_state=init_dense)
+@register(DENSE, supports_causal=True, complexity="O(n^2)", init_state=init_dense,
+          hparams={"hidden_dim": Int(64, min=1)},
+          doc="Tay et al. 2021 (Synthesizer, dense): logits from an MLP of each query token")
 def synthesizer_dense(q, k, v, *, kv_mask=None, causal=False, hidden_dim, w1=None, b1=None,
                       w2=None, b2=None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D] (k unused) -> [B, Tq, H, Dv]."""
@@ -95,10 +94,9 @@ def init_random(key, *, q_len, kv_len, num_heads, head_dim, trainable, factorize
     return {"params": arrays, "buffers": {}} if trainable else {"params": {}, "buffers": arrays}
 
 
-@register(RANDOM, hparams={"trainable": Flag(True), "factorized_rank": Int(0, min=0)},
-          supports_causal=True, complexity="O(n^2)",
-          doc="Tay et al. 2021 (Synthesizer, random): learned or fixed per-head logit matrix",
-          init_state=init_random)
+@register(RANDOM, supports_causal=True, complexity="O(n^2)", init_state=init_random,
+          hparams={"trainable": Flag(True), "factorized_rank": Int(0, min=0)},
+          doc="Tay et al. 2021 (Synthesizer, random): learned or fixed per-head logit matrix")
 def synthesizer_random(q, k, v, *, kv_mask=None, causal=False, trainable, factorized_rank,
                        logits=None, factor_q=None, factor_k=None):
     """q: [B, Tq, H, D] (shape only); k, v: [B, Tk, H, D] -> [B, Tq, H, Dv]."""
