@@ -6,7 +6,7 @@ pictures. Each predicate takes broadcastable integer arrays i (query position) a
 position) and returns a bool array; it works on jnp and np arrays alike and inside kernels.
 Causality (j <= i) and padding (kv_mask) are applied on top by the caller.
 
-Semantics (issue "Attention, part 1"):
+Semantics:
   local        abs(i - j) <= window
   strided      (i - j) mod stride == 0
   sparse       local or strided (one softmax, each pair counted once)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 # variant -> {task or "*": {hyperparameter: value}}. "*" applies to every task; a task entry
 # wins over "*".
-# Fixed patterns (attention part 1). Registry defaults follow LRA (local window 50 ~ its local
+# Fixed patterns. Registry defaults follow LRA (local window 50 ~ its local
 # block of 50; longformer window 256 = its sliding window of 512; bigbird blocks of 64 with 3
 # window, 2 global, 3 random blocks; sparse_fixed block 128 / summary 32). On the image grids
 # (32 x 32; Path-X 128 x 128) the stride is the row width, so the strided part of the Sparse
@@ -29,7 +29,7 @@ FIXED_PATTERN_HPARAMS: dict[str, dict[str, dict]] = {
     "blockwise": {"pathx": {"chunk_size": 256}},
 }
 
-# Clustering, learned patterns, low rank, kernels, synthesizer, inducing (attention part 2).
+# Clustering, learned patterns, low rank, kernels, synthesizer, inducing.
 # Lengths: listops 2000, text/retrieval 1000-4000, image/pathfinder 1024, pathx 16384. Bucket,
 # cluster and block counts grow with the length (Reformer: ~2n / chunk buckets; Routing: sqrt(n)
 # clusters, "sqrt", and half of the heads local as in the paper); low-rank sizes follow the LRA
@@ -54,7 +54,7 @@ LEARNED_HPARAMS: dict[str, dict[str, dict]] = {
     "inducing": {"*": {"num_inducing": 32}, "pathx": {"num_inducing": 64}},
 }
 
-# Gated linear recurrences and differential attention (attention part 3b): the papers' settings,
+# Gated linear recurrences and differential attention: the papers' settings,
 # the same on every task. GLA: low-rank gate of rank 16, temperature 16, per-head output norm;
 # its XLA chunk stays 16 (the intra-chunk pair term holds chunk x chunk x head_dim per chunk).
 # DeltaNet / Gated DeltaNet: chunks of 64 (the WY solve is chunk x chunk). diff: lambda_init
@@ -67,7 +67,7 @@ RECURRENT_HPARAMS: dict[str, dict[str, dict]] = {
     "diff": {"*": {"lambda_init": 0.8, "head_norm": True}},
 }
 
-# Sparse attention of 2024-2026 and per-head mixtures (attention part 3a). Registry defaults
+# Sparse attention of 2024-2026 and per-head mixtures. Registry defaults
 # suit the 1K-4K tasks (sliding_sink: window 50 like local + 4 sinks as StreamingLLM; moba:
 # blocks of 64, top 3; nsa: blocks of 32, top 4, window 64). Longer inputs get the papers'
 # proportions: MoBA's larger blocks (its 512 x top-3 at 8K-32K, scaled to 16K: 256), NSA's
@@ -85,10 +85,10 @@ SPARSE_2024_HPARAMS: dict[str, dict[str, dict]] = {
 
 # For tiny configs: hyperparameter -> value used when max_len is small (<= 128).
 TINY_HPARAMS: dict[str, object] = {
-    # attention part 2 (chunk_size is shared with blockwise, which is exact at any chunk)
+    # chunk_size is shared with blockwise, which is exact at any chunk
     "chunk_size": 16, "num_buckets": 4, "num_clusters": 4, "proj_dim": 16,
     "num_landmarks": 8, "num_features": 32, "num_inducing": 8, "hidden_dim": 16,
-    # attention part 1 (block_size is shared with sinkhorn; 8 keeps several blocks at 64)
+    # block_size is shared with sinkhorn; 8 keeps several blocks at 64
     "window": 4, "stride": 8, "block_size": 8, "summary": 2, "num_random_blocks": 1,
     "local_window": 4,   # routing's local heads
 }

@@ -19,8 +19,8 @@ heads (FlashAttention-2's benchmark setup):
      dense flash kernel, n = 1K..16K, D = 64.
 Timing: jit, two warm-up calls, then the median over --repeats groups of calls (each group long
 enough to time, ended by block_until_ready). A cell that fails (out of memory, cuDNN absent, a
-lowering error) is recorded with its error instead of a time. Goals of the issue are checked at
-the end from the measured rows.
+lowering error) is recorded with its error instead of a time. The goals (the kernels
+against their baselines) are checked at the end from the measured rows.
 """
 
 from __future__ import annotations
@@ -308,8 +308,8 @@ def _find(rows, **match):
 
 
 def goals(rows) -> list[str]:
-    """The issue's goals, checked against the measured rows (met / not met / not measured)."""
-    lines = ["## Goals (from the issue), checked on these rows", ""]
+    """The goals, checked against the measured rows (met / not met / not measured)."""
+    lines = ["## Goals, checked on these rows", ""]
 
     def verdict(ok):
         return "met" if ok else "NOT met"

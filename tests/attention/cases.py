@@ -10,7 +10,7 @@ CORE_CASES = {
     "dense": {},
 }
 
-# attention part 1 (fixed patterns) adds its entries here. Grid variants carry their shape
+# Fixed patterns. Grid variants carry their shape
 # (with a prefix token); the registry tests take the length from it.
 FIXED_PATTERN_CASES: dict[str, dict] = {
     "blockwise": {"chunk_size": 8},
@@ -25,7 +25,7 @@ FIXED_PATTERN_CASES: dict[str, dict] = {
     "local2d": {"shape": (5, 6), "window": 1, "num_prefix": 1},
 }
 
-# attention part 2 (learned / low-rank / kernels) adds its entries here.
+# Learned patterns, low rank, kernels.
 LEARNED_CASES: dict[str, dict] = {
     "lsh": {"num_hashes": 2, "num_buckets": 4, "chunk_size": 8, "shared_qk": True,
             "redraw": "step", "redraw_interval": 1},
@@ -43,7 +43,7 @@ LEARNED_CASES: dict[str, dict] = {
     "inducing": {"num_inducing": 4},
 }
 
-# attention part 3a (sparse attention of 2024-2026, pattern mixtures) adds its entries here.
+# Sparse attention of 2024-2026, pattern mixtures.
 SPARSE_2024_CASES: dict[str, dict] = {
     "sliding_sink": {"window": 3, "num_sink": 2, "learned_sink": True},
     "moba": {"block_size": 4, "top_k": 3},
@@ -53,7 +53,7 @@ SPARSE_2024_CASES: dict[str, dict] = {
                                   "strided.stride=4"},
 }
 
-# attention part 3b (gated linear recurrences, differential attention) adds its entries here.
+# Gated linear recurrences, differential attention.
 RECURRENT_CASES: dict[str, dict] = {
     "gla": {"chunk_size": 8, "gate_rank": 4},
     "deltanet": {"chunk_size": 8},

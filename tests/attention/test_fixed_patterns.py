@@ -1,4 +1,4 @@
-"""Attention part 1 (exact and fixed-pattern variants) against the dense reference.
+"""Exact and fixed-pattern variants against the dense reference.
 
 Each variant equals softmax attention restricted to its pattern's mask, the mask built from
 the same predicate (attention/patterns.dense_mask) that the variant uses on its blocks: at

@@ -1,4 +1,4 @@
-"""Attention part 2 (clustering, learned patterns, low rank, kernels, Synthesizer, inducing points):
+"""Clustering, learned patterns, low rank, kernels, Synthesizer, inducing points:
 exact limits against dense, approximation trends, gradients/buffers, centroid updates, the
 O(n) causal scan's memory, and hyperparameter validation. Registry-wide properties (padding
 invariance, causality, NaN, dtypes, jit/vmap, compiled cost) live in test_registry.py and

@@ -1,4 +1,4 @@
-"""sliding_sink, moba, nsa, mixture (attention part 3a) against float64 references.
+"""sliding_sink, moba, nsa, mixture against float64 references.
 
 References are dense numpy float64 computations of each variant's rule (the masks written out
 pair by pair, the block selections recomputed independently); the variants run in float32.
