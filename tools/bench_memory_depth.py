@@ -56,6 +56,36 @@ def measure(depth: int, mode: str, *, length: int, batch: int, emb: int, mlp: in
             "argument_bytes": mem.get("argument_bytes", 0), "compile_s": round(seconds, 1)}
 
 
+def lm_step_memory(overrides: dict, *, length: int = 256, batch: int = 16) -> dict:
+    """Compiled temporary bytes of the causal-LM loss gradient of configs/lm.py:dense,small with
+    `overrides` (model fields) at data.max_len = length."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from configs import lm
+    from models import build_model
+    from tools.compiled import compile_fn, memory
+    from training import objectives
+
+    c = lm.get_config(f"dense,small,len={length}")
+    c.model.update(overrides)
+    abstract = nnx.eval_shape(lambda: build_model(c, num_classes=256, vocab_size=256,
+                                                  max_len=length, head="tokens", causal=True))
+    graphdef, state = nnx.split(abstract)
+
+    def grad(state, inputs, mask):
+        def loss(st):
+            out = objectives.causal_lm(nnx.merge(graphdef, st), {"inputs": inputs, "mask": mask},
+                                       train=True, rngs=nnx.Rngs(dropout=0))
+            return out["loss_sum"].sum() / out["count"].sum()
+        return jax.grad(loss)(state)
+
+    args = (state, jax.ShapeDtypeStruct((batch, length), jnp.int32),
+            jax.ShapeDtypeStruct((batch, length), jnp.bool_))
+    return memory(compile_fn(grad, args)[0])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--depths", default="1,2,4,8,16")
@@ -67,10 +97,19 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.0,
                    help="model and attention dropout (training mode either way)")
+    p.add_argument("--lm-xl", action="store_true",
+                   help="instead: temp memory of an lm small training gradient, plain vs "
+                        "recurrence=xl (segment 64, memory 64), printed")
     p.add_argument("--out", default=None, help="output prefix (default results/memory_depth_<backend>)")
     args = p.parse_args(argv)
     import jax
 
+    if args.lm_xl:
+        for name, over in (("plain", {}), ("xl", {"recurrence": "xl", "segment_len": 64,
+                                                  "mem_len": 64})):
+            mem = lm_step_memory(over)
+            print(f"{name}: temp {mem['temp_bytes'] / 2**20:.2f} MiB")
+        return
     backend = jax.default_backend()
     out = args.out or os.path.join(common.REPO_ROOT, "results", f"memory_depth_{backend}")
     env = common.machine_info(note="compiled, not run: the figures do not depend on the load")
