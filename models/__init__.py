@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from models.attention import AttentionBuffer, MultiHeadAttention  # noqa: F401
+from models.multihead import AttentionBuffer, MultiHeadAttention  # noqa: F401
 from models.encoder import (Classifier, DualEncoderClassifier, Encoder,  # noqa: F401
                             TokenPredictor)
 

@@ -23,7 +23,7 @@ from flax import nnx
 import attention
 
 from attention.context_parallel import shard_sequence
-from models.attention import MultiHeadAttention, layer_hparams
+from models.multihead import MultiHeadAttention, layer_hparams
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

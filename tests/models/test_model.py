@@ -1,6 +1,5 @@
 """Model: shapes, parameter counts, padding invariance, variant state wiring."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -11,7 +11,7 @@ from flax import nnx
 import attention
 from configs import listops as listops_config
 from models import build_model
-from models.attention import AttentionBuffer
+from models.multihead import AttentionBuffer
 from tests.attention.cases import CASES
 
 LEN, GRID = 16, (4, 4)
@@ -89,7 +89,7 @@ def test_buffer_updates_only_in_training(name):
 def test_layer_resolves_its_implementation_once():
     """The layer decides impl at construction ("auto": pallas on a GPU where a kernel exists)
     and keeps the function; an unknown impl fails there, not at the first call."""
-    from models.attention import MultiHeadAttention
+    from models.multihead import MultiHeadAttention
 
     def layer(impl):
         return MultiHeadAttention(emb_dim=8, qkv_dim=8, num_heads=2, attention_name="local",
