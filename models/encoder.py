@@ -61,10 +61,12 @@ class EncoderBlock(nnx.Module):
     """Pre-LayerNorm block x -> x + F(x) -> (.) + G(.): F the attention branch
     drop(Attn(LN(x))), G the feed-forward branch drop(W2 drop(gelu(W1 LN(x)))).
 
-    ffn_chunks > 1: G over the length in that many chunks (Reformer's chunked feed-forward),
-    each chunk under jax.checkpoint, so the [B, T, mlp_dim] hidden never exists whole, in the
-    forward or the backward pass. Equal to the unchunked branch without dropout; with dropout
-    the hidden's mask is drawn per chunk (other draws, same distribution)."""
+    ffn_chunks > 1: G over the length in that many chunks (Reformer's chunked feed-forward):
+    a loop (lax.map) over chunks, each under jax.checkpoint, meant to hold one chunk's
+    [B, T / chunks, mlp_dim] hidden at a time. Measured (results/memory_depth_cpu.md, with
+    reversible layers): less compiled temporary memory at 2-4 layers, more at 16. Equal to the
+    unchunked branch without dropout; with dropout the hidden's mask is drawn per chunk (other
+    draws, same distribution)."""
 
     def __init__(self, *, emb_dim, mlp_dim, dropout_rate, attention_dropout_rate, dtype, rngs,
                  ffn_chunks: int = 1, **attention_kwargs):
