@@ -13,6 +13,7 @@ import ml_collections
 
 import attention
 from configs import variants as variant_table
+from models.settings import ModelSettings
 
 
 def parse_arg(arg: str | None, known_flags=("tiny", "small"), known_keys=()):
@@ -43,37 +44,8 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    c.model = ml_collections.ConfigDict()
-    c.model.num_layers = 4           # encoder blocks
-    c.model.num_heads = 8
-    c.model.emb_dim = 512            # token embedding / residual width
-    c.model.qkv_dim = 512            # total width of q, k, v over all heads
-    c.model.mlp_dim = 1024           # block MLP hidden width and classifier hidden width
-    c.model.dropout_rate = 0.1
-    c.model.attention_dropout_rate = 0.1
-    c.model.pooling = "cls"          # "cls" (learned CLS vector prepended) | "mean" (real tokens)
-    c.model.pos_embedding = "sinusoidal"   # "sinusoidal" | "learned" | "sinusoidal2d" (grids)
-    c.model.interaction = "nli"      # pair tasks: [u, v, u*v, u-v] -> MLP ("concat": [u, v])
-    c.model.dtype = "float32"        # activations: "float32" | "bfloat16"
-    # Memory savings (models/encoder.py): jax.checkpoint per block; Reformer's reversible
-    # residual layers (no activations stored per layer); feed-forward in chunks of the length.
-    c.model.remat = False
-    c.model.reversible = False
-    c.model.ffn_chunks = 1           # 1 = whole length at once
-    # ETC global tokens: learned tokens after CLS that attend to and are seen by every token
-    # (attention 'longformer': its num_global is set to the prefix; long tokens: window).
-    c.model.num_global_tokens = 0
-    # Segment-level recurrence (models/recurrent.py): "none" | "xl" (Transformer-XL: segments
-    # of segment_len tokens, each layer attends over [mem_len cached states; segment] with
-    # relative positions; dense attention, mean pooling).
-    c.model.recurrence = "none"
-    c.model.segment_len = 0          # xl: tokens per segment (>= 1)
-    c.model.mem_len = 0              # xl: cached states per layer (0 = segments independent)
-    # "compressive" (Compressive Transformer): XL plus a compressed memory of cmem_len slots per
-    # layer; the states leaving the memory are mean-pooled in groups of compression_rate.
-    c.model.cmem_len = 0
-    c.model.compression_rate = 2
-    c.model.compression = "mean"     # the only compression function implemented
+    # every model field, its default and its choices: models/settings.py (the LRA ListOps setup)
+    c.model = ml_collections.ConfigDict(ModelSettings().as_dict())
 
     c.attention = attention_config(variant, task)
 

@@ -7,6 +7,7 @@ import jax
 from flax import nnx
 
 from models.multihead import AttentionBuffer, MultiHeadAttention  # noqa: F401
+from models.settings import ModelSettings  # noqa: F401
 from models.encoder import (Classifier, DualEncoderClassifier, Encoder,  # noqa: F401
                             TokenPredictor)
 
@@ -19,7 +20,8 @@ def build_model(config, *, num_classes: int, vocab_size: int, max_len: int, pair
     (models/ knows nothing of lra/). head: "classifier" (pooled -> classes; a dual encoder when
     pair) or "tokens" (per-token logits over the vocabulary); causal: causal attention in every
     layer (a variant that cannot be causal is a ValueError naming it)."""
-    common = dict(vocab_size=vocab_size, max_len=max_len, model=config.model.to_dict(),
+    common = dict(vocab_size=vocab_size, max_len=max_len,
+                  model=ModelSettings.of(config.model.to_dict()),
                   attention_cfg=config.attention.to_dict(), grid_shape=grid_shape,
                   rngs=nnx.Rngs(seed))
     if head == "tokens":

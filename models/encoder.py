@@ -24,6 +24,7 @@ import attention
 
 from attention.context_parallel import shard_sequence
 from models.multihead import MultiHeadAttention, layer_hparams
+from models.settings import ModelSettings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -52,9 +53,6 @@ def sinusoidal_2d_positions(grid_shape, dim: int, num_prefix: int = 0) -> np.nda
     col = np.tile(sinusoidal_positions(cols, half), (rows, 1))
     table = np.concatenate([row, col], axis=1)
     return np.concatenate([np.zeros((num_prefix, dim), np.float32), table], axis=0)
-
-
-POS_EMBEDDINGS = ("sinusoidal", "sinusoidal2d", "learned")
 
 
 class EncoderBlock(nnx.Module):
@@ -233,21 +231,17 @@ class Encoder(nnx.Module):
     causal=True: every attention layer is causal (position i sees positions <= i); a variant
     that cannot be causal is a ValueError here, naming it."""
 
-    def __init__(self, *, vocab_size: int, max_len: int, model: Mapping[str, Any],
+    def __init__(self, *, vocab_size: int, max_len: int, model: ModelSettings,
                  attention_cfg: Mapping[str, Any], grid_shape=None, causal: bool = False,
                  rngs: nnx.Rngs):
-        m = dict(model)
-        self.dtype = DTYPES[m["dtype"]] if m["dtype"] in DTYPES else _bad("model.dtype", m["dtype"], DTYPES)
-        if m["pooling"] not in ("cls", "mean"):
-            _bad("model.pooling", m["pooling"], ("cls", "mean"))
-        if m["pos_embedding"] not in POS_EMBEDDINGS:
-            _bad("model.pos_embedding", m["pos_embedding"], POS_EMBEDDINGS)
-        self.pooling = m["pooling"]
+        m = model
+        self.dtype = DTYPES[m.dtype]
+        self.pooling = m.pooling
         # ETC (Ainslie et al. 2020): num_global_tokens learned global tokens (not positions of
         # the input) after the CLS prefix; with the longformer pattern, the prefix (CLS and
         # global tokens) attends to everything and every long token to its window and the
         # prefix. The model sets the variant's num_global to the prefix length.
-        self.num_global = int(m.get("num_global_tokens", 0))
+        self.num_global = m.num_global_tokens
         name = attention_cfg["name"]
         if self.num_global:
             check_global_tokens(self.num_global, name)
@@ -255,11 +249,11 @@ class Encoder(nnx.Module):
         self._num_prefix = prefix
         self.max_len = max_len
         total = max_len + prefix
-        emb = m["emb_dim"]
+        emb = m.emb_dim
         self.embed = nnx.Embed(vocab_size, emb, rngs=rngs)
-        if m["pos_embedding"] == "learned":
+        if m.pos_embedding == "learned":
             self.pos = nnx.Param(jax.random.normal(rngs.params(), (total, emb)) * 0.02)
-        elif m["pos_embedding"] == "sinusoidal2d":
+        elif m.pos_embedding == "sinusoidal2d":
             if grid_shape is None or int(np.prod(grid_shape)) != max_len:
                 raise ValueError(
                     "model.pos_embedding='sinusoidal2d' is for image-like tasks whose max_len is "
@@ -273,24 +267,24 @@ class Encoder(nnx.Module):
         if self.num_global:
             self.global_tokens = nnx.Param(
                 jax.random.normal(rngs.params(), (self.num_global, emb)) * 0.02)
-        self.dropout = nnx.Dropout(m["dropout_rate"])
+        self.dropout = nnx.Dropout(m.dropout_rate)
         overrides = {k: v for k, v in attention_cfg.items() if k not in ("name", "impl")}
         if self.num_global:
             overrides["num_global"] = prefix
         self.blocks = nnx.List([
             EncoderBlock(
-                emb_dim=emb, mlp_dim=m["mlp_dim"], dropout_rate=m["dropout_rate"],
-                dtype=self.dtype, rngs=rngs, qkv_dim=m["qkv_dim"], num_heads=m["num_heads"],
-                ffn_chunks=int(m.get("ffn_chunks", 1)),
+                emb_dim=emb, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate,
+                dtype=self.dtype, rngs=rngs, qkv_dim=m.qkv_dim, num_heads=m.num_heads,
+                ffn_chunks=m.ffn_chunks,
                 attention_name=name, impl=attention_cfg.get("impl", "xla"),
                 hparams=layer_hparams(name, overrides, layer_index=i, grid_shape=grid_shape,
                                       num_prefix=prefix),
-                max_len=total, attention_dropout_rate=m["attention_dropout_rate"],
+                max_len=total, attention_dropout_rate=m.attention_dropout_rate,
                 causal=causal)
-            for i in range(m["num_layers"])])
+            for i in range(m.num_layers)])
         self.norm = nnx.LayerNorm(emb, dtype=self.dtype, rngs=rngs)
-        self.remat = bool(m.get("remat", False))
-        self.reversible = bool(m.get("reversible", False))
+        self.remat = m.remat
+        self.reversible = m.reversible
         if self.remat and self.reversible:
             raise ValueError("model.remat and model.reversible together: reversible layers "
                              "already recompute in the backward pass; set one of them")
@@ -397,10 +391,6 @@ def _remat_vjp(graphdef, rng_def, train):
     return block
 
 
-def _bad(field, value, valid):
-    raise ValueError(f"{field} must be one of {sorted(valid)}; got {value!r}")
-
-
 GLOBAL_TOKEN_VARIANTS = ("longformer",)
 
 
@@ -416,18 +406,12 @@ def check_global_tokens(num_global: int, attention_name: str) -> None:
             f"got attention.name={attention_name!r}")
 
 
-RECURRENCES = ("none", "xl", "compressive")
-
-
 def make_encoder(**kwargs):
     """Encoder, or the segment-recurrent XLEncoder (models/recurrent.py) when
     model.recurrence == "xl"; same interface (states, __call__, num_prefix)."""
-    recurrence = dict(kwargs["model"]).get("recurrence", "none")
-    if recurrence in ("xl", "compressive"):
+    if kwargs["model"].recurrence in ("xl", "compressive"):
         from models.recurrent import XLEncoder
         return XLEncoder(**kwargs)
-    if recurrence != "none":
-        _bad("model.recurrence", recurrence, RECURRENCES)
     return Encoder(**kwargs)
 
 
@@ -446,7 +430,7 @@ class Classifier(nnx.Module):
     def __init__(self, *, num_classes: int, rngs: nnx.Rngs, **encoder_kwargs):
         self.encoder = make_encoder(rngs=rngs, **encoder_kwargs)
         m = encoder_kwargs["model"]
-        self.head = Head(m["emb_dim"], m["mlp_dim"], num_classes, rngs)
+        self.head = Head(m.emb_dim, m.mlp_dim, num_classes, rngs)
 
     def __call__(self, inputs, mask, *, train=False, rngs=None):
         """inputs int [B, T], mask bool [B, T] -> logits float32 [B, classes]."""
@@ -456,12 +440,10 @@ class Classifier(nnx.Module):
 class DualEncoderClassifier(nnx.Module):
     def __init__(self, *, num_classes: int, rngs: nnx.Rngs, **encoder_kwargs):
         m = encoder_kwargs["model"]
-        if m["interaction"] not in ("nli", "concat"):
-            _bad("model.interaction", m["interaction"], ("nli", "concat"))
-        self.interaction = m["interaction"]
+        self.interaction = m.interaction
         self.encoder = make_encoder(rngs=rngs, **encoder_kwargs)
-        width = m["emb_dim"] * (4 if self.interaction == "nli" else 2)
-        self.head = Head(width, m["mlp_dim"], num_classes, rngs)
+        width = m.emb_dim * (4 if self.interaction == "nli" else 2)
+        self.head = Head(width, m.mlp_dim, num_classes, rngs)
 
     def __call__(self, inputs, mask, *, train=False, rngs=None):
         """inputs int [B, 2, T], mask bool [B, 2, T] -> logits [B, classes]."""
@@ -482,7 +464,7 @@ class TokenPredictor(nnx.Module):
                  **encoder_kwargs):
         self.encoder = make_encoder(vocab_size=vocab_size, causal=causal, rngs=rngs,
                                     **encoder_kwargs)
-        emb = encoder_kwargs["model"]["emb_dim"]
+        emb = encoder_kwargs["model"].emb_dim
         self.causal = causal
         self.mask_vector = nnx.Param(jax.random.normal(rngs.params(), (emb,)) * 0.02)
         self.logits = nnx.Linear(emb, vocab_size, rngs=rngs)

@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.encoder import DTYPES, EncoderBlock, _bad
+from models.encoder import DTYPES, EncoderBlock
+from models.settings import ModelSettings
 
 NEG = -1e30
 
@@ -148,35 +149,31 @@ def compress_mean(states, mask, rate: int):
     return total / jnp.maximum(w.sum(-1), 1.0)[..., None], mask.reshape(b, n // rate, rate).any(-1)
 
 
-def check_xl(model: Mapping[str, Any], attention_name: str) -> None:
+def check_xl(m: ModelSettings, attention_name: str) -> None:
     """ValueError for a combination the XL encoder does not support."""
-    m = dict(model)
-    if m.get("recurrence") == "compressive":
-        rate, seg = int(m.get("compression_rate", 1)), int(m.get("segment_len", 0))
+    if m.recurrence == "compressive":
+        rate, seg = m.compression_rate, m.segment_len
         if rate < 1 or (seg >= 1 and seg % rate):
             raise ValueError(f"model.recurrence='compressive' needs model.compression_rate >= 1 "
                              f"dividing model.segment_len; got compression_rate={rate}, "
                              f"segment_len={seg}")
-        if m.get("compression", "mean") != "mean":
-            raise ValueError(f"model.compression must be 'mean' (the only compression "
-                             f"function implemented); got {m.get('compression')!r}")
     if attention_name != "dense":
         raise ValueError(
             f"model.recurrence='xl' computes its own within-segment attention (dense over "
             f"[memory; segment] with the relative-position terms); attention.name="
             f"{attention_name!r} is not supported with it: use attention 'dense'")
-    if int(m.get("segment_len", 0)) < 1:
+    if m.segment_len < 1:
         raise ValueError(f"model.recurrence='xl' needs model.segment_len >= 1; got "
-                         f"{m.get('segment_len')!r}")
-    if int(m.get("mem_len", 0)) < 0:
-        raise ValueError(f"model.mem_len must be >= 0; got {m.get('mem_len')!r}")
-    if m.get("pooling") != "mean":
+                         f"{m.segment_len!r}")
+    if m.mem_len < 0:
+        raise ValueError(f"model.mem_len must be >= 0; got {m.mem_len!r}")
+    if m.pooling != "mean":
         raise ValueError(f"model.recurrence='xl' needs model.pooling='mean' (no CLS prefix in "
-                         f"a segmented stream); got {m.get('pooling')!r}")
+                         f"a segmented stream); got {m.pooling!r}")
     for field in ("remat", "reversible", "num_global_tokens"):
-        if m.get(field):
+        if getattr(m, field):
             raise ValueError(f"model.recurrence='xl' does not support model.{field}="
-                             f"{m.get(field)!r}")
+                             f"{getattr(m, field)!r}")
 
 
 class XLEncoder(nnx.Module):
@@ -184,30 +181,30 @@ class XLEncoder(nnx.Module):
     Transformer-XL's segment recurrence inside one call: the [B, T] input is cut into
     ceil(T / segment_len) segments (the last padded and masked) read in order."""
 
-    def __init__(self, *, vocab_size: int, max_len: int, model: Mapping[str, Any],
+    def __init__(self, *, vocab_size: int, max_len: int, model: ModelSettings,
                  attention_cfg: Mapping[str, Any], grid_shape=None, causal: bool = False,
                  rngs: nnx.Rngs):
-        m = dict(model)
+        m = model
         check_xl(m, attention_cfg["name"])
-        self.dtype = DTYPES[m["dtype"]] if m["dtype"] in DTYPES else _bad("model.dtype", m["dtype"], DTYPES)
+        self.dtype = DTYPES[m.dtype]
         self.pooling = "mean"
         self.max_len = max_len
-        self.segment_len = int(m["segment_len"])
-        self.mem_len = int(m["mem_len"])
-        self.recurrence = m.get("recurrence", "xl")
+        self.segment_len = m.segment_len
+        self.mem_len = m.mem_len
+        self.recurrence = m.recurrence
         compressive = self.recurrence == "compressive"
-        self.cmem_len = int(m.get("cmem_len", 0)) if compressive else 0
-        self.compression_rate = int(m.get("compression_rate", 1)) if compressive else 1
-        emb = m["emb_dim"]
+        self.cmem_len = m.cmem_len if compressive else 0
+        self.compression_rate = m.compression_rate if compressive else 1
+        emb = m.emb_dim
         self.emb_dim = emb
         self.embed = nnx.Embed(vocab_size, emb, rngs=rngs)
-        self.dropout = nnx.Dropout(m["dropout_rate"])
+        self.dropout = nnx.Dropout(m.dropout_rate)
         self.blocks = nnx.List([
-            XLBlock(emb_dim=emb, mlp_dim=m["mlp_dim"], qkv_dim=m["qkv_dim"],
-                    num_heads=m["num_heads"], dropout_rate=m["dropout_rate"],
-                    attention_dropout_rate=m["attention_dropout_rate"], dtype=self.dtype,
-                    causal=causal, ffn_chunks=int(m.get("ffn_chunks", 1)), rngs=rngs)
-            for _ in range(m["num_layers"])])
+            XLBlock(emb_dim=emb, mlp_dim=m.mlp_dim, qkv_dim=m.qkv_dim,
+                    num_heads=m.num_heads, dropout_rate=m.dropout_rate,
+                    attention_dropout_rate=m.attention_dropout_rate, dtype=self.dtype,
+                    causal=causal, ffn_chunks=m.ffn_chunks, rngs=rngs)
+            for _ in range(m.num_layers)])
         self.norm = nnx.LayerNorm(emb, dtype=self.dtype, rngs=rngs)
 
     num_prefix = 0

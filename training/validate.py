@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from models.settings import CHOICES as MODEL_CHOICES
+
 
 class ConfigError(ValueError):
     """A config value outside its valid range."""
@@ -64,18 +66,13 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.mlp_dim": integer(1),
     "model.dropout_rate": RATE,
     "model.attention_dropout_rate": RATE,
-    "model.pooling": choice("cls", "mean"),
-    "model.pos_embedding": choice("sinusoidal", "sinusoidal2d", "learned"),
-    "model.interaction": choice("nli", "concat"),
-    "model.dtype": choice("float32", "bfloat16"),
+    **{f"model.{field}": choice(*valid) for field, valid in MODEL_CHOICES.items()},
     "model.remat": boolean,
     "model.reversible": boolean,
     "model.ffn_chunks": integer(1),
     "model.num_global_tokens": integer(0),
-    "model.recurrence": choice("none", "xl", "compressive"),
     "model.cmem_len": integer(0),
     "model.compression_rate": integer(1),
-    "model.compression": choice("mean"),
     "model.segment_len": integer(0),
     "model.mem_len": integer(0),
     "attention.impl": choice("xla", "pallas", "auto"),

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import models.encoder as encoder
+import models.settings as settings
 from configs import listops as listops_config
 from models import build_model
 from training.validate import ConfigError, validate_config
@@ -73,6 +74,7 @@ def test_reversible_gradients_equal_autodiff_float64(monkeypatch):
     """The custom VJP (inputs rebuilt from outputs, layer by layer) against plain autodiff of
     the same reversible function in float64, with dropout: the recomputed masks must match."""
     monkeypatch.setitem(encoder.DTYPES, "float64", jnp.float64)
+    monkeypatch.setitem(settings.CHOICES, "dtype", (*settings.CHOICES["dtype"], "float64"))
     with jax.enable_x64(True):
         c = tiny(reversible=True, dtype="float64", dropout_rate=0.2,
                  attention_dropout_rate=0.1)
