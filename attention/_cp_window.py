@@ -37,6 +37,19 @@ def _from_first(x, index, axis):
     return jax.lax.psum(jnp.where(index == 0, x, jnp.zeros_like(x)), axis)
 
 
+def halo(q, k, v, mask, w: int, axis, shards: int):
+    """[left halo; shard; right halo] of k, v and the mask: the window's `w` edge keys from the
+    two neighbours (one ppermute each way; absent at the ends, so masked), and q with zero rows
+    in the halo positions (their outputs are dropped). w >= 1."""
+    fwd = [(j, j + 1) for j in range(shards - 1)]    # to the next device (its left halo)
+    bwd = [(j + 1, j) for j in range(shards - 1)]    # to the previous one (its right halo)
+    left = jax.lax.ppermute((k[:, -w:], v[:, -w:], mask[:, -w:]), axis, fwd)
+    right = jax.lax.ppermute((k[:, :w], v[:, :w], mask[:, :w]), axis, bwd)
+    cat = lambda a, b, c: jnp.concatenate([a, b, c], axis=1)  # noqa: E731
+    kx, vx, mx = (cat(a, b, c) for a, b, c in zip(left, (k, v, mask), right))
+    return cat(jnp.zeros_like(q[:, :w]), q, jnp.zeros_like(q[:, :w])), kx, vx, mx
+
+
 def _every(i, j):
     return (i == i) & (j == j)
 
@@ -47,14 +60,10 @@ def window_global_local(q, k, v, mask, arrays, *, name, causal, axis, shards, st
     n = q.shape[1]
     index = jax.lax.axis_index(axis)
     start = index * n                                  # true position of this shard's row 0
-    # Halo: the window's keys from the neighbours ([left, shard, right], absent ones masked).
-    fwd = [(j, j + 1) for j in range(shards - 1)]
-    bwd = [(j + 1, j) for j in range(shards - 1)]
-    left = jax.lax.ppermute((k[:, n - w:], v[:, n - w:], mask[:, n - w:]), axis, fwd)
-    right = jax.lax.ppermute((k[:, :w], v[:, :w], mask[:, :w]), axis, bwd)
-    cat = lambda a, b, c: jnp.concatenate([a, b, c], axis=1)  # noqa: E731
-    kx, vx, mx = (cat(a, b, c) for a, b, c in zip(left, (k, v, mask), right))
-    qx = cat(jnp.zeros_like(q[:, :w]), q, jnp.zeros_like(q[:, :w]))
+    if w > 0:   # the window's keys from the neighbours ([left, shard, right])
+        qx, kx, vx, mx = halo(q, k, v, mask, w, axis, shards)
+    else:
+        qx, kx, vx, mx = q, k, v, mask
     qb, kb, vb, kvb, pos_q, pos_k = band(heads_first(qx), heads_first(kx), heads_first(vx), mx,
                                          window=w, causal=causal)
     shift = start - w                                  # X position 0 is true position start - w

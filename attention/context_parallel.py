@@ -196,13 +196,7 @@ def _halo_local(q, k, v, mask, arrays, *, name, causal, axis, shards, static):
     w = int(static["window"])
     if w == 0:  # each query sees itself only
         return get_variant(name)(q, k, v, kv_mask=mask, causal=causal, **static, **arrays)
-    fwd = [(j, j + 1) for j in range(shards - 1)]    # to the next device (its left halo)
-    bwd = [(j + 1, j) for j in range(shards - 1)]    # to the previous one (its right halo)
-    left = jax.lax.ppermute((k[:, -w:], v[:, -w:], mask[:, -w:]), axis, fwd)
-    right = jax.lax.ppermute((k[:, :w], v[:, :w], mask[:, :w]), axis, bwd)
-    cat = lambda a, b, c: jnp.concatenate([a, b, c], axis=1)  # noqa: E731
-    kx, vx, mx = (cat(a, b, c) for a, b, c in zip(left, (k, v, mask), right))
-    qx = cat(jnp.zeros_like(q[:, :w]), q, jnp.zeros_like(q[:, :w]))   # rows dropped below
+    qx, kx, vx, mx = _cp_window.halo(q, k, v, mask, w, axis, shards)
     out = get_variant(name)(qx, kx, vx, kv_mask=mx, causal=causal, **static, **arrays)
     return out[:, w:w + q.shape[1]]
 

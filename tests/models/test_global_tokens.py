@@ -8,6 +8,10 @@ import pytest
 
 from configs import listops as listops_config
 from models import build_model
+from tests.models.reference import gelu as _gelu
+from tests.models.reference import layer_norm as _ln
+from tests.models.reference import linear as _lin
+from tests.models.reference import param as _p
 from training.validate import ConfigError, validate_config
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -22,24 +26,6 @@ def etc_config(pooling="mean", **model):
                    attention_dropout_rate=0.0, emb_dim=16, qkv_dim=16, mlp_dim=32)
     c.model.update(model)
     return c
-
-
-def _p(a):
-    return np.asarray(a[...], np.float64)
-
-
-def _ln(x, norm):
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + norm.epsilon) * _p(norm.scale) + _p(norm.bias)
-
-
-def _lin(x, lin):
-    return x @ _p(lin.kernel) + _p(lin.bias)
-
-
-def _gelu(x):
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
 def reference_states(enc, tokens, mask):

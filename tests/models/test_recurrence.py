@@ -12,6 +12,10 @@ from flax import nnx
 
 from configs import lm as lm_config
 from models import build_model
+from tests.models.reference import gelu as _gelu
+from tests.models.reference import layer_norm as _ln
+from tests.models.reference import linear as _lin
+from tests.models.reference import param as _p
 from training.validate import ConfigError, validate_config
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -42,25 +46,6 @@ def _inputs():
 
 
 # ---- float64 reference of the paper's formula (memory of true length, no zero padding) ----
-
-def _p(a):
-    return np.asarray(a[...], np.float64)
-
-
-def _ln(x, norm):
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + norm.epsilon) * _p(norm.scale) + _p(norm.bias)
-
-
-def _lin(x, lin):
-    y = x @ _p(lin.kernel)
-    return y + _p(lin.bias) if lin.bias is not None else y
-
-
-def _gelu(x):
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
-
 
 def _sinusoid(d, dim):
     inv = 1.0 / 10000.0 ** (np.arange(0, dim, 2) / dim)
