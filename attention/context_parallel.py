@@ -48,7 +48,8 @@ from attention import _cp_window, performer
 from attention.linear import elu_feature
 
 FORMS = {"dense": "ring", "blockwise": "ring", "local": "halo", "linear": "kv_state",
-         "longformer": "window_global", "sliding_sink": "window_global"}
+         "longformer": "window_global", "sliding_sink": "window_global",
+         **{name: "masked_ring" for name in _cp_window.MASKED}}
 
 
 def seq_shards(mesh=None, seq_axis: str = "seq") -> int:
@@ -79,6 +80,8 @@ def form_of(name: str, hparams: dict, shard_len: int, causal: bool = False) -> s
         return "gather"          # the window reaches past the neighbouring shard
     if form == "window_global" and not _cp_window.fits(name, hparams, shard_len):
         return "gather"          # the window or the global keys reach past one shard
+    if form == "masked_ring" and not _cp_window.masked_fits(name, hparams, shard_len):
+        return "gather"          # the window (blocks) reach past the neighbouring shard
     return form
 
 
@@ -107,9 +110,14 @@ def attend(name, q, k, v, *, kv_mask=None, causal=False, mesh=None, seq_axis="se
         raise ValueError(f"attention variant {name!r} cannot be causal (causal=True given)")
     b, t = q.shape[:2]
     mask = jnp.ones((b, t), bool) if kv_mask is None else kv_mask
+    hparams = _cp_window.resolve_sqrt(name, hparams, t)  # "sqrt" at the unpadded length
     multiple = 2 * shards                              # zigzag needs 2s equal chunks
     padded = -(-t // multiple) * multiple
     form = form_of(name, hparams, padded // shards, causal)
+    if form == "masked_ring":  # shards a multiple of the stride / bigbird's block size
+        multiple = shards * _cp_window.masked_multiple(name, hparams)
+        padded = -(-t // multiple) * multiple
+        form = form_of(name, hparams, padded // shards, causal)
     if padded != t:
         pad = ((0, 0), (0, padded - t))
         q, k, v = (jnp.pad(x, pad + ((0, 0), (0, 0))) for x in (q, k, v))
@@ -120,6 +128,8 @@ def attend(name, q, k, v, *, kv_mask=None, causal=False, mesh=None, seq_axis="se
         q, k, v, mask = (jnp.take(x, order, axis=1) for x in (q, k, v, mask))
     arrays = {n: a for n, a in hparams.items() if isinstance(a, (jax.Array, np.ndarray))}
     static = {n: a for n, a in hparams.items() if n not in arrays}
+    if form == "masked_ring":
+        static["length"] = t                           # bigbird's blocks: those of length t
     local = functools.partial(_LOCAL[form], name=name, causal=causal, axis=seq_axis,
                               shards=shards, static=static)
     data = batch_axis if batch_axis in mesh.axis_names else None
@@ -246,15 +256,19 @@ def _causal_kernel(qf, kf, v1, prefix, chunk):
     """phi(q_i) . (prefix + sum_{j <= i} phi(k_j) v1_j) by chunks: exclusive chunk sums plus the
     exact lower triangle inside a chunk. [B, H, n, M], [B, H, n, M], [B, H, n, F] -> [.., F]."""
     b, h, n, _ = qf.shape
-    c = math.gcd(n, chunk)
-    split = lambda x: x.reshape(b, h, n // c, c, x.shape[-1])  # noqa: E731
+    c = min(n, chunk)
+    m = -(-n // c) * c          # the shard padded to whole chunks (zero features: no term)
+
+    def split(x):
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, m - n), (0, 0)))
+        return x.reshape(b, h, m // c, c, x.shape[-1])
     qc, kc, vc = split(qf), split(kf), split(v1)
     sums = jnp.einsum("bhncm,bhncf->bhnmf", kc, vc)                     # per chunk
     before = jnp.cumsum(sums, axis=2) - sums + prefix[:, :, None]       # exclusive + prefix
     inter = jnp.einsum("bhncm,bhnmf->bhncf", qc, before)
     scores = jnp.einsum("bhncm,bhnkm->bhnck", qc, kc) * jnp.tril(jnp.ones((c, c)))
     intra = jnp.einsum("bhnck,bhnkf->bhncf", scores, vc)
-    return (inter + intra).reshape(b, h, n, -1)
+    return (inter + intra).reshape(b, h, m, -1)[:, :, :n]
 
 
 def _performer_causal_local(q, k, v, mask, arrays, *, axis, shards, static):
@@ -339,4 +353,5 @@ def _gather_local(q, k, v, mask, arrays, *, name, causal, axis, shards, static):
 
 
 _LOCAL = {"ring": _ring_local, "halo": _halo_local, "kv_state": _kv_state_local,
-          "window_global": _cp_window.window_global_local, "gather": _gather_local}
+          "window_global": _cp_window.window_global_local,
+          "masked_ring": _cp_window.masked_ring_local, "gather": _gather_local}
