@@ -6,8 +6,12 @@ data-dependent per-channel decay,
 
 computed chunkwise-parallel: inside a chunk of c positions, cumulative log-decays G_i and the
 exact masked pair term sum_{j<=i} sum_d q_id k_jd exp(G_id - G_jd) (every exponent <= 0, so
-nothing overflows however strong the decay: the [c, c, Dk] pair tensor is formed per chunk,
-memory O(n c Dk), hence a small default chunk); across chunks a lax.scan over the chunk states.
+nothing overflows however strong the decay), formed one key column j at a time (a scan over
+the c keys of every chunk at once, so no [c, c, Dk] tensor exists); across chunks a lax.scan
+carrying the state and emitting each chunk's output. The gradient is written out (a
+custom_vjp: the same scans backwards, and the log-decays' gradient from the identity
+dL/dB_t = q_t dq_t - k_t dk_t for the cumulative decays B), so memory is O(n (Dk + Dv + c))
+forward and backward (autodiff of the first form stored [c, c, Dk] per chunk: 1.37 GiB at 4K).
 
 The contract gives q, k, v only, so the gate comes from the keys: log alpha_t =
 log_sigmoid(k_t W_down W_up + b) / gate_temperature (the paper's low-rank gate of rank 16 and
@@ -23,6 +27,8 @@ sequence (each includes the token itself). Padded keys neither write nor decay t
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -69,34 +75,131 @@ def check_lengths(name, q, k, v, kv_mask):
                          f"{q.shape[1]}, {k.shape[1]}")
 
 
+def _pieces(q, k, v, g, c: int):
+    """Chunked [B, H, N, c, .] q, k, v, the within-chunk cumulative log-decays G (inclusive)
+    and their chunk totals G_c [B, H, N, Dk]."""
+    qc, kc, vc, gc = (to_chunks(x, c) for x in (q, k, v, g))
+    cum = jnp.cumsum(gc, axis=3)
+    return qc, kc, vc, cum, cum[:, :, :, -1]
+
+
+def _over(axis: int, step, carry, xs, reverse: bool = False, index: bool = False):
+    """lax.scan of step over axis `axis` of every array in xs (index: plus the step's position
+    along it, last); outputs stacked on that axis."""
+    moved = [jnp.moveaxis(x, axis, 0) for x in xs]
+    if index:
+        moved.append(jnp.arange(moved[0].shape[0]))
+    carry, ys = jax.lax.scan(step, carry, tuple(moved), reverse=reverse)
+    return carry, jax.tree.map(lambda y: jnp.moveaxis(y, 0, axis), ys)
+
+
+def _key_decays(cum, cj):
+    """exp(min(G_i - G_j, 0)) [B, H, N, c(i), Dk] for one key row j (cj: G_j [B, H, N, Dk]):
+    the decay from key j to every query i >= j of its chunk (<= 1; the clamp touches only the
+    rows i < j, which the callers mask)."""
+    return jnp.exp(jnp.minimum(cum - cj[:, :, :, None], 0.0))
+
+
+def _intra_scores(qc, kc, cum):
+    """A_ij = sum_d q_id k_jd exp(G_id - G_jd) for j <= i, else 0: [B, H, N, c(i), c(j)], one
+    key column j at a time (no [c, c, Dk] tensor)."""
+    rows = jnp.arange(qc.shape[3])
+
+    def column(_, x):
+        kj, cj, j = x
+        a = jnp.sum(qc * kj[:, :, :, None] * _key_decays(cum, cj), axis=-1)
+        return None, jnp.where(rows >= j, a, 0.0)
+
+    return jnp.swapaxes(_over(3, column, None, (kc, cum), index=True)[1], 3, 4)
+
+
+def _state_update(s, kn, vn, cn, en):
+    """S <- diag(e^{G_c}) S + (K e^{G_c - G})^T V for one chunk ([B, H, c, .] slices)."""
+    kd = kn * jnp.exp(en[:, :, None] - cn)
+    return jnp.exp(en)[..., None] * s + jnp.einsum("bhcd,bhce->bhde", kd, vn)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def gla_chunkwise(q, k, v, g, chunk_size: int):
     """Causal GLA, chunkwise. q, k: [B, H, T, Dk]; v: [B, H, T, Dv]; g: [B, H, T, Dk] log
     decays (<= 0; 0 and k = 0 at padded positions). -> [B, H, T, Dv] (no scaling, no norm):
-    o_t = q_t^T S_t with S_t = diag(exp g_t) S_{t-1} + k_t v_t^T, S_0 = 0."""
-    b, h, t, dk = k.shape
-    dv = v.shape[-1]
+    o_t = q_t^T S_t with S_t = diag(exp g_t) S_{t-1} + k_t v_t^T, S_0 = 0.
+
+    Per chunk n: O_n = (Q_n e^G) S_n + A_n V_n (A: _intra_scores), S_{n+1} = diag(e^{G_c}) S_n +
+    (K_n e^{G_c - G})^T V_n, the states walked in a scan that emits each chunk's output (no
+    state per chunk is stored). The gradient is written out (gla_chunkwise_bwd); memory is
+    O(T (Dk + Dv + c)) forward and backward."""
+    t = k.shape[2]
     c = min(chunk_size, t)
-    qc, kc, vc, gc = (to_chunks(x, c) for x in (q, k, v, g))   # [B, H, N, c, .]
-    cum = jnp.cumsum(gc, axis=3)                                # G_i, inclusive
-    end = cum[:, :, :, -1]                                      # [B, H, N, Dk]
-    tril = jnp.tril(jnp.ones((c, c), bool))[:, :, None]          # [c(i), c(j), 1]
-    gap = cum[:, :, :, :, None, :] - cum[:, :, :, None, :, :]    # G_i - G_j, [B,H,N,c,c,Dk]
-    pair = jnp.where(tril, jnp.exp(jnp.where(tril, gap, 0.0)), 0.0)
-    scores = jnp.einsum("bhnid,bhnijd->bhnij", qc, pair * kc[:, :, :, None, :, :])
-    intra = jnp.einsum("bhnij,bhnjd->bhnid", scores, vc)
-    # Chunk contributions to the state at the chunk's end, and the scan over chunks.
-    kd = kc * jnp.exp(end[:, :, :, None, :] - cum)
-    u = jnp.einsum("bhncd,bhnce->bhnde", kd, vc)                # [B, H, N, Dk, Dv]
+    qc, kc, vc, cum, end = _pieces(q, k, v, g, c)
+    intra = jnp.einsum("bhnij,bhnje->bhnie", _intra_scores(qc, kc, cum), vc)
 
     def step(s, x):
-        decay, du = x
-        return jnp.exp(decay)[..., None] * s + du, s
+        qn, kn, vn, cn, en = x
+        return _state_update(s, kn, vn, cn, en), jnp.einsum("bhcd,bhde->bhce",
+                                                            qn * jnp.exp(cn), s)
 
-    s0 = jnp.zeros((b, h, dk, dv), u.dtype)
-    _, before = jax.lax.scan(step, s0, (jnp.moveaxis(end, 2, 0), jnp.moveaxis(u, 2, 0)))
-    before = jnp.moveaxis(before, 0, 2)                         # state before each chunk
-    inter = jnp.einsum("bhncd,bhnde->bhnce", qc * jnp.exp(cum), before)
-    return (inter + intra).reshape(b, h, -1, dv)[:, :, :t]
+    s0 = jnp.zeros(k.shape[:2] + (k.shape[-1], v.shape[-1]), k.dtype)
+    inter = _over(2, step, s0, (qc, kc, vc, cum, end))[1]
+    return (inter + intra).reshape(*v.shape[:2], -1, v.shape[-1])[:, :, :t]
+
+
+def _gla_fwd(q, k, v, g, chunk_size):
+    return gla_chunkwise(q, k, v, g, chunk_size), (q, k, v, g)
+
+
+def gla_chunkwise_bwd(chunk_size, res, do):
+    """The gradient of gla_chunkwise. With S_n the state before chunk n, R_n the gradient of
+    the state after it (R <- diag(e^{G_c}) R + (Q e^G)^T dO, walked backwards) and
+    M_ij = dO_i . v_j (j <= i, else 0):
+        dQ = e^G * (dO S_n^T) + sum_j M_ij k_j e^{G_i - G_j}
+        dK = e^{G_c - G} * (V R_n^T) + sum_i M_ij q_i e^{G_i - G_j}
+        dV = (K e^{G_c - G}) R_n + A^T dO.
+    The log-decays: every term depends on the cumulative decays B_t = sum_{s<=t} g_s only
+    through q_t k_s e^{B_t - B_s}, so dL/dB_t = q_t dq_t - k_t dk_t (per channel) and
+    dg_t = sum_{s>=t} (q_s dq_s - k_s dk_s) over the whole sequence."""
+    q, k, v, g = res
+    t = k.shape[2]
+    c = min(chunk_size, t)
+    qc, kc, vc, cum, end = _pieces(q, k, v, g, c)
+    doc = to_chunks(do, c)
+    rows = jnp.arange(c)
+    m = jnp.where(rows[:, None] >= rows, jnp.einsum("bhnie,bhnje->bhnij", doc, vc), 0.0)
+
+    def intra(dq, x):  # key row j: its score column, its dK, its share of every dQ_i
+        kj, cj, mj, j = x
+        e = _key_decays(cum, cj)
+        a = jnp.where(rows >= j, jnp.sum(qc * kj[:, :, :, None] * e, axis=-1), 0.0)
+        dq = dq + mj[..., None] * kj[:, :, :, None] * e
+        return dq, (a, jnp.sum(mj[..., None] * qc * e, axis=3))
+
+    dq, (a, dk) = _over(3, intra, jnp.zeros_like(qc), (kc, cum, jnp.swapaxes(m, 3, 4)),
+                        index=True)                              # a: [B, H, N, c(j), c(i)]
+    dv = jnp.einsum("bhnji,bhnie->bhnje", a, doc)
+
+    def forward(s, x):  # dQ's state term
+        kn, vn, cn, en, don = x
+        return _state_update(s, kn, vn, cn, en), jnp.exp(cn) * jnp.einsum(
+            "bhce,bhde->bhcd", don, s)
+
+    def backward(r, x):  # dK's and dV's state terms
+        qn, kn, vn, cn, en, don = x
+        ed = jnp.exp(en[:, :, None] - cn)
+        dkn = ed * jnp.einsum("bhce,bhde->bhcd", vn, r)
+        dvn = jnp.einsum("bhcd,bhde->bhce", kn * ed, r)
+        r = jnp.exp(en)[..., None] * r + jnp.einsum("bhcd,bhce->bhde", qn * jnp.exp(cn), don)
+        return r, (dkn, dvn)
+
+    s0 = jnp.zeros(k.shape[:2] + (k.shape[-1], v.shape[-1]), k.dtype)
+    dq = dq + _over(2, forward, s0, (kc, vc, cum, end, doc))[1]
+    dks, dvs = _over(2, backward, s0, (qc, kc, vc, cum, end, doc), reverse=True)[1]
+    dq, dk, dv = (x.reshape(*x.shape[:2], -1, x.shape[-1])[:, :, :t]
+                  for x in (dq, dk + dks, dv + dvs))
+    dg = jax.lax.cumsum(q * dq - k * dk, axis=2, reverse=True)
+    return dq, dk, dv, dg
+
+
+gla_chunkwise.defvjp(_gla_fwd, gla_chunkwise_bwd)
 
 
 def log_gates(k, gate_down, gate_up, gate_bias, gate_temperature):
