@@ -261,38 +261,57 @@ def test_diff_with_lambda_zero_is_dense_on_the_first_map():
 
 
 @pytest.mark.filterwarnings("ignore:.*interpret mode:UserWarning")
-def test_pallas_gla_and_diff_equal_xla_in_interpret_mode():
-    """gla's chunked kernel (per-channel decay; block_t 8 on a length of 19 with padding) and
-    diff through two flash calls, against the XLA variants: outputs and dQ/dK/dV (gla), outputs
-    (diff)."""
-    q, k, v, ct, mask = inputs(8, d=8, dtype=np.float32)
-    gla_params = state("gla", d=8, dtype=jnp.float32)
-    gla_params["gate_bias"] = gla_params["gate_bias"] - 3.0
-    diff_params = state("diff", d=8, dtype=jnp.float32)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_pallas_gla_equals_xla_in_interpret_mode(dtype):
+    """gla's kernels, forward (states, output) and backward (reverse states, dQ/dK/dV, the
+    gate's gradient from q dq - k dk), against the XLA form on a length of 19 with a padded
+    row (partial chunks, padded keys): outputs and the gradients of q, k, v and the gate params.
+    float64 (1e-9): causal at two kernel chunks (block_t 4 and 8) and bidirectional; float32
+    (2e-5): causal, block_t 8."""
+    with jax.enable_x64(dtype == np.float64):
+        q, k, v, ct, mask = inputs(8, d=8, dtype=dtype)
+        params = state("gla", d=8, dtype=dtype)
+        params["gate_bias"] = params["gate_bias"] - 3.0
 
-    def run(q, k, v, impl):
-        def loss(q, k, v):
-            out = attention.get("gla")(q, k, v, impl=impl, kv_mask=mask, causal=True,
-                                       chunk_size=4, **gla_params,
-                                       **({"block_t": 8} if impl == "pallas" else {}))
-            return jnp.sum(out * ct), out
-        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-        diff = attention.get("diff")(q, k, v, impl=impl, kv_mask=mask, causal=False,
-                                     **diff_params)
-        return out, grads, diff
+        def run(q, k, v, params, impl, block_t, causal):
+            def loss(q, k, v, params):
+                out = attention.get("gla")(q, k, v, impl=impl, kv_mask=mask, causal=causal,
+                                           chunk_size=4, output_norm=False, **params,
+                                           **({"block_t": block_t} if block_t else {}))
+                return jnp.sum(out * ct), out
+            return jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v,
+                                                                                  params)
 
-    got = jax.jit(run, static_argnums=3, compiler_options=FAST_COMPILE)(q, k, v, "pallas")
-    want = jax.jit(run, static_argnums=3, compiler_options=FAST_COMPILE)(q, k, v, "xla")
-    assert_same(got, want, tol=2e-5)
+        run = jax.jit(run, static_argnums=(4, 5, 6), compiler_options=FAST_COMPILE)
+        # (causal, kernel chunks): float64 both directions, float32 the causal scan only
+        cases = ((True, (4, 8)), (False, (8,))) if dtype == np.float64 else ((True, (8,)),)
+        for causal, blocks in cases:
+            want = run(q, k, v, params, "xla", None, causal)
+            assert np.abs(np.asarray(want[1][3]["gate_bias"])).max() > 1e-3
+            for block_t in blocks:
+                got = run(q, k, v, params, "pallas", block_t, causal)
+                assert_same(got, want, tol=1e-9 if dtype == np.float64 else 2e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*interpret mode:UserWarning")
+def test_pallas_diff_equals_xla_in_interpret_mode():
+    """diff through two flash calls against the XLA variant (outputs)."""
+    q, k, v, _, mask = inputs(8, d=8, dtype=np.float32)
+    params = state("diff", d=8, dtype=jnp.float32)
+    run = jax.jit(lambda q, k, v, impl: attention.get("diff")(
+        q, k, v, impl=impl, kv_mask=mask, causal=False, **params), static_argnums=3,
+        compiler_options=FAST_COMPILE)
+    assert_same(run(q, k, v, "pallas"), run(q, k, v, "xla"), tol=2e-5)
 
 
 def test_pallas_gla_and_diff_lower_through_triton():
-    """Forward and backward lower for a GPU from this CPU: gla's two forward kernels (states,
-    output; its backward is the XLA form), diff's two flash calls (forward, dQ, dK/dV each)."""
+    """Forward and backward lower for a GPU from this CPU: gla's forward kernels (states,
+    output) and backward kernels (reverse states, dQ/dK/dV), diff's two flash calls (forward,
+    dQ, dK/dV each)."""
     b, t, h, d = 1, 100, 2, 32
     x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((b, t), jnp.bool_)
-    for name, calls in (("gla", 2), ("diff", 6)):
+    for name, calls in (("gla", 4), ("diff", 6)):
         params = attention.get(name).init_state(jax.random.key(1), q_len=t, kv_len=t,
                                                 num_heads=h, head_dim=d)["params"]
 
