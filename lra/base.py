@@ -39,6 +39,10 @@ class Source(Protocol):
     def pending(self, indices: np.ndarray) -> int:
         """How many of these examples get_batch still has to make (generated data; else 0)."""
 
+    def make(self, indices: np.ndarray) -> None:
+        """Makes and keeps these examples ahead of get_batch (generated data drawn in one
+        vectorised call is cheaper per example in larger groups); nothing for data in memory."""
+
 
 class BatchSource:
     """Base of the sources: one example is a batch of one; stored labels in `self.label`;
@@ -60,6 +64,9 @@ class BatchSource:
 
     def pending(self, indices) -> int:
         return 0
+
+    def make(self, indices) -> None:
+        return None
 
 
 @dataclasses.dataclass
@@ -135,6 +142,9 @@ class SubsetSource(BatchSource):
 
     def pending(self, indices) -> int:
         return self.source.pending(self.indices[np.asarray(indices, np.int64)])
+
+    def make(self, indices) -> None:
+        self.source.make(self.indices[np.asarray(indices, np.int64)])
 
 
 @dataclasses.dataclass

@@ -142,6 +142,11 @@ class GeneratedSource(BatchSource):
             self._have[missing] = True
         return self._store[indices]
 
+    def make(self, indices) -> None:
+        """Draws the examples of `indices` not memoized yet in one call (memoize only)."""
+        if self.memoize:
+            self.images(indices)
+
     def get_batch(self, indices) -> dict[str, np.ndarray]:
         indices = np.asarray(indices, np.int64)
         pixels = self.images(indices)

@@ -8,7 +8,7 @@ preloaded batch, and the host time to build one batch.
 
 Rounds alternate the two modes; the table gives the median step time of each, the pipeline's
 cost (fed - preloaded) / preloaded (two noisy timings on a shared machine), and build_pct: the
-median serial time to build one batch / the preloaded step time, i.e. the cost if the
+mean serial time to build one batch / the preloaded step time, i.e. the cost if the
 prefetch threads overlapped nothing (an upper bound that does not depend on the overlap).
 *_first columns use a freshly built copy of the split: step_ms_pipeline_first is one round of
 fed steps through its first epoch (generated Pathfinder images are drawn then, memoized
@@ -16,7 +16,8 @@ afterwards), in the mode the pipeline picks for the run (`first_mode`: threads, 
 processes when much is left to draw); for generated sources the round is also run in the other
 mode (`*_first_threads`, `*_first_processes`, each on a fresh copy; the first batch, which
 waits for the workers to start, is taken before the clock starts). build_ms_first is the serial
-build of unseen batches; build_ms times batches already seen.
+build of unseen batches, as the pipeline builds them (unmade examples made for a group of
+batches at once; the mean over two groups); build_ms times batches already seen.
 
 --generation adds a second table: generating data with one process and with every core (ListOps
 at the published lengths, Pathfinder-32 and Path-X images in the release layout), the files
@@ -95,19 +96,20 @@ def bench(spec: str, steps: int, rounds: int, mock: bool = False) -> dict:
             s = setup(config)
             # more copies of the training split on which nothing is generated yet
             fresh = [lra.get_task(config.data).splits["train"] for _ in range(4)]
-        first = _build_times(fresh[0], config, range(1, 11))
+        first = _build_times(fresh[0], config,
+                             range(2 * pipeline.draw_ahead(config.data.batch_size)))
         return _bench(spec, config, s, data, steps, rounds, first, fresh[1:])
 
 
 def _build_times(src, config, steps) -> float:
-    """Median seconds to build one training batch, serially (no threads)."""
-    times = []
+    """Mean seconds to build one training batch serially (no threads), as the pipeline builds
+    it: unmade examples are made a group of batches at a time, so `steps` spans whole groups."""
+    bs = config.data.batch_size
+    make = pipeline.TrainBatch(src, bs, config.seed, pipeline.draw_ahead(bs))
+    t = time.perf_counter()
     for step in steps:
-        t = time.perf_counter()
-        pipeline._gather(src, pipeline.train_indices(len(src), config.data.batch_size,
-                                                     config.seed, step))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        make(step)
+    return (time.perf_counter() - t) / len(steps)
 
 
 def _bench(spec, config, s, data, steps, rounds, first, fresh) -> dict:
@@ -163,7 +165,7 @@ def _bench(spec, config, s, data, steps, rounds, first, fresh) -> dict:
         b.append(preloaded())
     batches.close()
     fa, fb = statistics.median(a), statistics.median(b)
-    build = _build_times(src, config, range(1, 1 + max(steps, 10)))   # batches seen above
+    build = _build_times(src, config, range(max(steps, 10)))   # batches seen above
     row = {"config": spec, "task": s.task.name, "data": data, "batch": bs,
            "max_len": config.data.max_len, "step_ms_pipeline": 1e3 * fa,
            "step_ms_preloaded": 1e3 * fb, "pipeline_cost_pct": 100 * (fa - fb) / fb,

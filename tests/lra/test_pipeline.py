@@ -137,3 +137,41 @@ def test_worker_processes_give_the_batches_of_threads():
             np.testing.assert_array_equal(batch[k], want[k])
     # every image a worker drew is in this process's memo (one shared file)
     assert src.pending(np.arange(40)) == 0
+
+
+class Drawn(ArraySource):
+    """A numbered source that counts as 'generated': examples are pending until made, and
+    every make/get_batch call is recorded."""
+
+    def __init__(self, n):
+        base = numbered(n)
+        super().__init__(base.inputs, base.mask, base.label)
+        self.made, self.calls = np.zeros(n, bool), []
+
+    def pending(self, indices):
+        return int((~self.made[np.asarray(indices)]).sum())
+
+    def make(self, indices):
+        self.calls.append(("make", len(indices)))
+        self.made[np.asarray(indices)] = True
+
+    def get_batch(self, indices):
+        self.calls.append(("get", self.pending(indices)))
+        self.made[np.asarray(indices)] = True
+        return super().get_batch(indices)
+
+
+@pytest.mark.parametrize("batches", ["train", "eval"])
+def test_unmade_examples_are_made_a_group_of_batches_at_a_time(batches):
+    src, bs = Drawn(400), 8                           # draw_ahead(8) == 8 batches of 8
+    if batches == "train":
+        got = take(pipeline.train_batches(src, bs, seed=1, prefetch=0), 24)
+        want = [pipeline.train_indices(400, bs, 1, s) for s in range(24)]
+    else:
+        got = list(pipeline.eval_batches(src, bs, limit=190, prefetch=0, desc=None))
+        want = [np.minimum(np.arange(b * bs, (b + 1) * bs), 189) for b in range(24)]
+    for batch, idx in zip(got, want):                 # the same batches as without grouping
+        np.testing.assert_array_equal(batch["label"], idx)
+    makes = [n for kind, n in src.calls if kind == "make"]
+    assert makes == [8 * bs] * 3                      # one call per 8 batches
+    assert all(n == 0 for kind, n in src.calls if kind == "get")   # each batch found made
