@@ -1,8 +1,9 @@
 """Context parallelism on 4 host CPU devices: one sequence split over the mesh's "seq" axis
 gives the single-device forward and gradients for every form (ring, halo, window_global,
-kv_state, gather), causal and not, with padding; a tiny run with seq_shards=2 follows the loss trajectory of
-seq_shards=1. Runs in its own process (tests/test_context_parallel.py starts it with
-XLA_FLAGS=--xla_force_host_platform_device_count=4); skipped with fewer devices."""
+kv_state, masked_ring, gather), causal and not, with padding; a tiny run with seq_shards=2
+follows the loss trajectory of seq_shards=1. Runs in its own process
+(tests/test_context_parallel.py starts it with XLA_FLAGS=--xla_force_host_platform_device_count=4);
+skipped with fewer devices."""
 
 import json
 import os
@@ -20,17 +21,24 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices"
 
 B, T, H, D = 2, 30, 2, 8      # T = 30: padded to 32 for the split (masked)
 # (variant, overrides, seq shards, causal): every form at 2 shards, the ring also at 4; the
-# performer's kv state (its projection a replicated array), the gather fallback (strided).
+# performer's kv state (its projection a replicated array), the gather fallback (local with a
+# window past the shard). linear's causal chunks of 5 do not divide a shard of 16 (padded tail).
 CASES = [(n, o, s, c) for n, o, s in [("dense", {}, 2), ("local", {"window": 3}, 2),
-                                       ("linear", {"chunk_size": 4}, 2)] for c in (False, True)]
+                                       ("linear", {"chunk_size": 5}, 2)] for c in (False, True)]
 CASES += [("dense", {}, 4, True), ("local", {"window": 20}, 2, True),   # zigzag; window > shard
-          ("performer", {}, 2, False), ("performer", {"feature_map": "relu"}, 2, False),
-          ("strided", {"stride": 4}, 2, True)]
+          ("performer", {}, 2, False), ("performer", {"feature_map": "relu"}, 2, False)]
 # causal performer: the running-max key stabiliser carried over shards (one from the shard's own
 # keys alone misses the forward by 7e-5 here); chunks of 4 inside a shard of 16, and of 3 (not
 # dividing the shard of 8, nor aligned with the shards) at 4 shards
 CASES += [("performer", {"chunk_size": 4}, 2, True), ("performer", {"chunk_size": 3}, 4, True),
           ("performer", {"feature_map": "relu", "chunk_size": 4}, 4, True)]
+# masked ring: sparse's strided pairs per shard pair + the halo's band; bigbird's window (halo),
+# global keys and rows, random blocks collected around the ring (the layout from init_state).
+# Shards padded to the stride / block size (30 -> 32); at 4 shards a shard is 2 bigbird blocks
+CASES += [("sparse", {"window": 2, "stride": 4}, 2, True),
+          ("sparse", {"window": 3, "stride": 4}, 4, False),
+          ("bigbird", {"block_size": 4, "num_random_blocks": 2}, 4, False),
+          ("bigbird", {"block_size": 4, "num_random_blocks": 2}, 2, True)]
 # window + global keys: the halo, the first device's global keys, longformer's global rows
 CASES += [("longformer", {"window": 3, "num_global": 2}, 2, False),
           ("longformer", {"window": 5, "num_global": 3}, 4, True),
@@ -60,19 +68,23 @@ def test_split_sequence_equals_one_device(inputs, name, overrides, seq, causal):
     hp = hparams(name, overrides)
     real = np.asarray(mask)[..., None, None]
 
-    def loss(f):
-        return lambda q, k, v: jnp.sum(jnp.where(real, f(q, k, v), 0.0) ** 2)
+    def out_and_grads(f):  # one compile per side: the output rides along as aux
+        def loss(q, k, v):
+            out = jnp.where(real, f(q, k, v), 0.0)
+            return jnp.sum(out ** 2), out
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+        return out, grads
 
     one = lambda q, k, v: attention.get(name)(q, k, v, kv_mask=mask, causal=causal, **hp)  # noqa: E731
     split = lambda q, k, v: cp.attend(name, q, k, v, kv_mask=mask, causal=causal, mesh=mesh,  # noqa: E731
                                       **hp)
-    np.testing.assert_allclose(np.where(real, jax.jit(split)(q, k, v), 0),
-                               np.where(real, jax.jit(one)(q, k, v), 0), atol=2e-5)
-    g_split = jax.jit(jax.grad(loss(split), (0, 1, 2)))(q, k, v)
-    for a, b in zip(g_split, jax.jit(jax.grad(loss(one), (0, 1, 2)))(q, k, v)):
+    (out_split, g_split), (out_one, g_one) = out_and_grads(split), out_and_grads(one)
+    np.testing.assert_allclose(out_split, out_one, atol=2e-5)
+    for a, b in zip(g_split, g_one):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
     expected = {"dense": "ring", "blockwise": "ring", "linear": "kv_state",
-                "performer": "kv_state"}.get(name, "gather")
+                "performer": "kv_state", "sparse": "masked_ring",
+                "bigbird": "masked_ring"}.get(name, "gather")
     if name == "local":
         expected = "halo" if overrides["window"] <= 32 // seq else "gather"
     if name in ("longformer", "sliding_sink"):
