@@ -120,7 +120,7 @@ def _global_rows(out, q, k, v, mask, index, start, g, causal, axis):
 #   on one device; the global query rows over every device's keys merged by their softmax
 #   statistics (pmax / psum), as longformer's. Without random blocks nothing rotates.
 
-MASKED = ("sparse", "strided", "bigbird")
+MASKED = ("sparse", "strided", "sparse_fixed", "bigbird")
 
 
 def resolve_sqrt(name: str, hparams: dict, length: int) -> dict:
@@ -136,7 +136,7 @@ def resolve_sqrt(name: str, hparams: dict, length: int) -> dict:
 def masked_multiple(name: str, hparams: dict) -> int:
     """Every shard's length is padded to a multiple of this: the stride (residue classes align
     with the shards), bigbird's block size (blocks do not straddle shards)."""
-    return int(hparams["block_size"] if name == "bigbird" else hparams["stride"])
+    return int(hparams["stride"] if name in ("sparse", "strided") else hparams["block_size"])
 
 
 def masked_fits(name: str, hparams: dict, shard_len: int) -> bool:
@@ -169,11 +169,31 @@ def _rotate(xs, axis, shards: int):
     return jax.lax.ppermute(xs, axis, [(j, (j + 1) % shards) for j in range(shards)])
 
 
+def _ring(pair, kv, index, causal: bool, axis, shards: int) -> Partial:
+    """Online softmax of this shard's queries over every shard's keys: pair(*kv, src) gives the
+    statistics against the key arrays kv of shard src; kv rotates around the ring. Causal: the
+    key shards after this one (src > index: the steps s > index) are skipped on this device."""
+    total = pair(*kv, index)
+    for step in range(1, shards):
+        kv = _rotate(kv, axis, shards)
+        src = (index - step) % shards
+        if causal:
+            part = jax.lax.cond(index >= step, lambda kv=kv, src=src: pair(*kv, src),
+                                lambda: _empty(total.m.shape, total.o.shape[-1]))
+        else:
+            part = pair(*kv, src)
+        total = _combine(total, part)
+    return total
+
+
 def masked_ring_local(q, k, v, mask, arrays, *, name, causal, axis, shards, static):
     """One device's rows of sparse / strided / bigbird over the split sequence."""
     if name == "bigbird":
         return _bigbird_local(q, k, v, mask, arrays, causal=causal, axis=axis, shards=shards,
                               static=static)
+    if name == "sparse_fixed":
+        return _fixed_local(q, k, v, mask, causal=causal, axis=axis, shards=shards,
+                            static=static)
     return _strided_local(q, k, v, mask, name=name, causal=causal, axis=axis, shards=shards,
                           static=static)
 
@@ -204,17 +224,7 @@ def _strided_local(q, k, v, mask, *, name, causal, axis, shards, static):
         return partial_attention(qg, [(classes(heads_first(kb), 2), classes(heads_first(vb), 2),
                                        visible)])
 
-    far = pair(k, v, mask, index)
-    kb, vb, mb = k, v, mask
-    for step in range(1, shards):
-        kb, vb, mb = _rotate((kb, vb, mb), axis, shards)
-        src = (index - step) % shards
-        if causal:   # key shards after this one hold no visible key
-            part = jax.lax.cond(index >= step, lambda kb=kb, vb=vb, mb=mb, src=src: pair(
-                kb, vb, mb, src), lambda: _empty(far.m.shape, v.shape[-1]))
-        else:
-            part = pair(kb, vb, mb, src)
-        far = _combine(far, part)
+    far = _ring(pair, (k, v, mask), index, causal, axis, shards)
     parts = [far.map(ungroup)]
     if name == "sparse":   # the band abs(i - j) <= window: the halo's keys
         if w > 0:
@@ -228,6 +238,30 @@ def _strided_local(q, k, v, mask, *, name, causal, axis, shards, static):
                                                            kvb, causal))])
         parts.append(near.map(lambda x: unblock(x)[:, :, w:w + n]))
     return jnp.swapaxes(merge(*parts), 1, 2).astype(v.dtype)
+
+
+def _fixed_local(q, k, v, mask, *, causal, axis, shards, static):
+    """sparse_fixed: the own block (inside the shard: its length is a multiple of block_size)
+    and the summary keys of every other block, the shards' summary keys (n * summary /
+    block_size of them) rotating around the ring."""
+    bs, summary = int(static["block_size"]), int(static["summary"])
+    n = q.shape[1]
+    index = jax.lax.axis_index(axis)
+    keep = lambda i, j: patterns.sparse_fixed(i, j, block_size=bs, summary=summary)  # noqa: E731
+    qb, kb, vb = (to_blocks(heads_first(x), bs, 2) for x in (q, k, v))      # [B, H, nb, bs, D]
+    pos = index * n + to_blocks(np.arange(n), bs, 0)                        # [nb, bs]
+    parts = [partial_attention(qb, [(kb, vb, pair_mask(keep, pos, pos, to_blocks(mask, bs, 1),
+                                                       causal))])]
+    if summary > 0:
+        offsets = np.nonzero(np.arange(n) % bs >= bs - summary)[0]          # same in every shard
+        other = lambda i, j: keep(i, j) & (i // bs != j // bs)  # noqa: E731
+
+        def pair(ks, vs, ms, src):
+            visible = pair_mask(other, pos, src * n + offsets, ms, causal)
+            return partial_attention(qb, [(heads_first(ks), heads_first(vs), visible)])
+        parts.append(_ring(pair, (k[:, offsets], v[:, offsets], mask[:, offsets]), index,
+                           causal, axis, shards))
+    return jnp.swapaxes(merge_axes(merge(*parts), 2), 1, 2).astype(v.dtype)
 
 
 def _from_owners(x, positions: np.ndarray, index, n: int, axis):

@@ -33,12 +33,14 @@ CASES += [("dense", {}, 4, True), ("local", {"window": 20}, 2, True),   # zigzag
 CASES += [("performer", {"chunk_size": 4}, 2, True), ("performer", {"chunk_size": 3}, 4, True),
           ("performer", {"feature_map": "relu", "chunk_size": 4}, 4, True)]
 # masked ring: sparse's strided pairs per shard pair + the halo's band; bigbird's window (halo),
-# global keys and rows, random blocks collected around the ring (the layout from init_state).
+# global keys and rows, random blocks collected around the ring (the layout from init_state);
+# sparse_fixed's own block and the summary keys rotating.
 # Shards padded to the stride / block size (30 -> 32); at 4 shards a shard is 2 bigbird blocks
 CASES += [("sparse", {"window": 2, "stride": 4}, 2, True),
           ("sparse", {"window": 3, "stride": 4}, 4, False),
           ("bigbird", {"block_size": 4, "num_random_blocks": 2}, 4, False),
-          ("bigbird", {"block_size": 4, "num_random_blocks": 2}, 2, True)]
+          ("bigbird", {"block_size": 4, "num_random_blocks": 2}, 2, True),
+          ("sparse_fixed", {"block_size": 4, "summary": 2}, 4, True)]
 # window + global keys: the halo, the first device's global keys, longformer's global rows
 CASES += [("longformer", {"window": 3, "num_global": 2}, 2, False),
           ("longformer", {"window": 5, "num_global": 3}, 4, True),
@@ -83,7 +85,7 @@ def test_split_sequence_equals_one_device(inputs, name, overrides, seq, causal):
     for a, b in zip(g_split, g_one):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
     expected = {"dense": "ring", "blockwise": "ring", "linear": "kv_state",
-                "performer": "kv_state", "sparse": "masked_ring",
+                "performer": "kv_state", "sparse": "masked_ring", "sparse_fixed": "masked_ring",
                 "bigbird": "masked_ring"}.get(name, "gather")
     if name == "local":
         expected = "halo" if overrides["window"] <= 32 // seq else "gather"
