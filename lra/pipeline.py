@@ -39,6 +39,11 @@ PROCESSES_FROM = 1024     # examples still to draw from which worker processes p
 DRAW_AHEAD = 64           # examples still to draw that a worker makes together (_Ahead)
 
 
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the examples in training epoch `epoch`."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
 def train_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     """Indices of the training batch at `step` (epochs reshuffled, remainder dropped)."""
     if batch_size > num_examples:
@@ -46,7 +51,7 @@ def train_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
             f"batch size {batch_size} is larger than the training split ({num_examples} examples)")
     per_epoch = num_examples // batch_size
     epoch, within = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    perm = epoch_permutation(num_examples, seed, epoch)
     return perm[within * batch_size:(within + 1) * batch_size]
 
 
@@ -74,19 +79,33 @@ class _Ahead:
 
 
 class TrainBatch:
-    """step -> the training batch of that step (picklable: grain sends it to its workers)."""
+    """step -> the training batch of that step, train_indices(...) (picklable: grain sends it
+    to its workers). Keeps the permutations of the last two epochs: drawing one every step was
+    most of the cost of a batch of data in memory (on the shared 2-core CPU, load 13: 1.3 ms
+    a batch of 8 for 2,000 examples, 43 ms for 160,000, against 0.13 ms with the cache)."""
 
     def __init__(self, source, batch_size: int, seed: int, ahead: int = 1, stride: int = 1):
         self.source, self.batch_size, self.seed = source, batch_size, seed
         self.num = len(source)
+        self.per_epoch = self.num // batch_size
         self.make_ahead = _Ahead(source, ahead, stride)
+        self._perms: dict[int, np.ndarray] = {}
 
     def indices(self, step: int) -> np.ndarray:
-        return train_indices(self.num, self.batch_size, self.seed, step)
+        epoch, within = divmod(step, self.per_epoch)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = epoch_permutation(self.num, self.seed, epoch)
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = perm
+        return perm[within * self.batch_size:(within + 1) * self.batch_size]
 
     def __call__(self, step) -> dict[str, np.ndarray]:
         self.make_ahead(int(step), self.indices)
         return self.source.get_batch(self.indices(int(step)))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_perms": {}}
 
 
 class EvalBatch:
