@@ -1,5 +1,6 @@
-"""The context-parallel form of window + global-key patterns (longformer, sliding_sink), used by
-attention/context_parallel.py inside its shard_map (one device's shard of n positions).
+"""The context-parallel forms of the fixed patterns, used by attention/context_parallel.py inside
+its shard_map (one device's shard of n positions): window + global keys (longformer,
+sliding_sink) here, the masked ring (sparse, strided, sparse_fixed, bigbird) further down.
 
 Every query sees its window and the first g keys of the sequence (longformer's global tokens,
 sliding_sink's sinks); longformer's first g queries also see every key. So a device needs:
@@ -101,7 +102,7 @@ def _global_rows(out, q, k, v, mask, index, start, g, causal, axis):
     return jnp.where(first, jnp.pad(rows, ((0, 0), (0, 0), (0, out.shape[2] - g), (0, 0))), out)
 
 
-# --- masked ring: the strided patterns (sparse, strided) and bigbird ------------------------------
+# --- masked ring: sparse, strided, sparse_fixed, bigbird ------------------------------------------
 #
 # Each device keeps its queries; the key/value shards rotate around the ring (ppermute), so at
 # step s device i holds the shard of device (i - s) mod P. What a pair (query shard i, key shard
@@ -113,6 +114,9 @@ def _global_rows(out, q, k, v, mask, index, start, g, causal, axis):
 #   n^2 / stride per pair, merged over the steps by the online softmax. Causal: key shards after
 #   the query shard are empty, skipped per device (lax.cond). sparse's band |i - j| <= window
 #   comes from the halo (neighbours only) and is merged with the strided part, each pair once.
+# - sparse_fixed: the own block lies inside the shard (padded to whole blocks); only the
+#   summary keys (the last `summary` of every block, n * summary / block_size per shard) rotate,
+#   each step n * (n * summary / block_size) scores.
 # - bigbird: the window blocks from the halo; the global key blocks from the devices that hold
 #   them (a psum of [B, g * block_size, H, D]); the random blocks (a buffer, traced, anywhere in
 #   the sequence) collected while the shards pass (a select into [B, H, blocks, r * block, D]

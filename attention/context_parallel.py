@@ -26,6 +26,16 @@ A length that the split does not divide is padded at the end and masked. The for
   running max give one device's ref (a max adds no rounding; ref is per position, so shard and
   chunk boundaries need not align); each shard's state against its last ref is all_gathered and
   the earlier ones, rescaled to this shard's incoming max (weights <= 1), start its scan.
+- masked_ring (sparse, strided, sparse_fixed, bigbird): the fixed pattern restricted to each
+  (query shard, key shard) pair, in the pattern's own compact layout (attention/_cp_window.py):
+  the key/value shards rotate as in the ring, each step's pairs merged by the online softmax.
+  sparse / strided: the strided pairs as residue classes per shard pair (shards padded to a
+  multiple of the stride), sparse's band from the halo; sparse_fixed: the own block inside the
+  shard (padded to whole blocks), only the summary keys rotate; bigbird: window blocks from the
+  halo, global key blocks from the devices holding them, random blocks (a traced buffer, so no
+  step is skipped statically) collected while the shards pass, global query rows merged by
+  their softmax statistics. Causal: key shards after the query shard are skipped per device
+  (lax.cond). Needs the window (blocks) <= the shard length, else gather.
 - gather (every other variant, and dropout on attention weights): all-gather q, k, v and the
   mask, compute the registered variant on the whole sequence on every device, keep this
   shard's rows. Always the single-device answer, at the single-device cost in memory and FLOPs
