@@ -120,7 +120,10 @@ def gates(k, *, beta_proj, beta_bias, decay_proj=None, decay_bias=None, decay_lo
     return beta, -jnp.exp(decay_log_rate.astype(k.dtype))[None, :, None] * a
 
 
-def _attend(name, q, k, v, kv_mask, causal, chunk_size, output_norm, params):
+def _attend(name, q, k, v, kv_mask, causal, chunk_size, output_norm, params, run=None):
+    """Checks, gates, masking, both directions and the output norm around run(q, k, v, beta,
+    g), a causal delta rule on heads-first [B, H, T, .] arrays (default: delta_chunkwise at
+    chunk_size; attention/pallas/delta.py passes its kernel)."""
     check_lengths(name, q, k, v, kv_mask)
     if params.get("beta_proj") is None or params["beta_proj"].shape[-1] != q.shape[-1]:
         raise ValueError(f"{name}: params {sorted(k for k in params)} of head_dim "
@@ -134,7 +137,8 @@ def _attend(name, q, k, v, kv_mask, causal, chunk_size, output_norm, params):
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))      # [B, H, T, D]
     kt = jnp.where(m4, l2_normalize(kt), 0.0)
     vt = jnp.where(m4, vt, 0.0)
-    run = lambda *xs: delta_chunkwise(*xs, chunk_size)  # noqa: E731
+    if run is None:
+        run = lambda *xs: delta_chunkwise(*xs, chunk_size)  # noqa: E731
     out = bidirectional(run, causal, l2_normalize(qt), kt, vt, beta, g)
     if output_norm:
         out = rms_norm(out)

@@ -294,6 +294,33 @@ def test_pallas_gla_equals_xla_in_interpret_mode(dtype):
 
 
 @pytest.mark.filterwarnings("ignore:.*interpret mode:UserWarning")
+def test_pallas_delta_equals_xla_in_interpret_mode():
+    """gated_deltanet's kernels (the per-chunk triangular solve by forward substitution, the
+    state pass, the output) against the XLA form in float64 at two kernel chunks (block_t 4
+    and 8) on a length of 19 with a padded row: outputs and gradients (the backward is the XLA
+    form's, so this checks the kernel's residual-free wiring)."""
+    with jax.enable_x64(True):
+        q, k, v, ct, mask = inputs(9)
+        k = 2.0 * k
+        params = state("gated_deltanet")
+        params["decay_bias"] = params["decay_bias"] + 2.0
+
+        def run(q, k, v, params, impl, block_t):
+            def loss(q, k, v, params):
+                out = attention.get("gated_deltanet")(
+                    q, k, v, impl=impl, kv_mask=mask, causal=True, chunk_size=8,
+                    output_norm=False, **params, **({"block_t": block_t} if block_t else {}))
+                return jnp.sum(out * ct), out
+            return jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v,
+                                                                                  params)
+
+        run = jax.jit(run, static_argnums=(4, 5), compiler_options=FAST_COMPILE)
+        want = run(q, k, v, params, "xla", None)
+        for block_t in (4, 8):
+            assert_same(run(q, k, v, params, "pallas", block_t), want, tol=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:.*interpret mode:UserWarning")
 def test_pallas_diff_equals_xla_in_interpret_mode():
     """diff through two flash calls against the XLA variant (outputs)."""
     q, k, v, _, mask = inputs(8, d=8, dtype=np.float32)
@@ -307,11 +334,12 @@ def test_pallas_diff_equals_xla_in_interpret_mode():
 def test_pallas_gla_and_diff_lower_through_triton():
     """Forward and backward lower for a GPU from this CPU: gla's forward kernels (states,
     output) and backward kernels (reverse states, dQ/dK/dV), diff's two flash calls (forward,
-    dQ, dK/dV each)."""
+    dQ, dK/dV each), gated_deltanet's three forward kernels (per-chunk solve, states, output;
+    its backward is the XLA form)."""
     b, t, h, d = 1, 100, 2, 32
     x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((b, t), jnp.bool_)
-    for name, calls in (("gla", 4), ("diff", 6)):
+    for name, calls in (("gla", 4), ("diff", 6), ("gated_deltanet", 3)):
         params = attention.get(name).init_state(jax.random.key(1), q_len=t, kv_len=t,
                                                 num_heads=h, head_dim=d)["params"]
 
