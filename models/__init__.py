@@ -10,6 +10,7 @@ from models.multihead import AttentionBuffer, MultiHeadAttention  # noqa: F401
 from models.settings import ModelSettings  # noqa: F401
 from models.encoder import (Classifier, DualEncoderClassifier, Encoder,  # noqa: F401
                             TokenPredictor)
+from models.recurrent import pop_aux_losses  # noqa: F401
 
 HEADS = ("classifier", "tokens")
 

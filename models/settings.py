@@ -16,7 +16,8 @@ CHOICES = {
     "interaction": ("nli", "concat"),
     "dtype": ("float32", "bfloat16"),
     "recurrence": ("none", "xl", "compressive"),
-    "compression": ("mean",),
+    "compression": ("mean", "conv"),
+    "xl_positions": ("window", "none"),
 }
 
 
@@ -42,16 +43,20 @@ class ModelSettings:
     # (attention 'longformer': its num_global is set to the prefix; long tokens: window).
     num_global_tokens: int = 0
     # Segment-level recurrence (models/recurrent.py): "none" | "xl" (Transformer-XL: segments
-    # of segment_len tokens, each layer attends over [mem_len cached states; segment] with
-    # relative positions; dense attention, mean pooling).
+    # of segment_len tokens, each layer attends over [mem_len cached states; segment]; dense:
+    # the paper's relative positions; another variant runs on the window [memory; segment]
+    # with xl_positions; mean pooling).
     recurrence: str = "none"
     segment_len: int = 0             # xl: tokens per segment (>= 1)
     mem_len: int = 0                 # xl: cached states per layer (0 = segments independent)
+    xl_positions: str = "window"     # non-dense xl: "window" sinusoids of the window's slots
+                                     # added to each attention input | "none"
     # "compressive" (Compressive Transformer): XL plus a compressed memory of cmem_len slots per
-    # layer; the states leaving the memory are mean-pooled in groups of compression_rate.
+    # layer; the states leaving the memory are compressed in groups of compression_rate.
     cmem_len: int = 0
     compression_rate: int = 2
-    compression: str = "mean"        # the only compression function implemented
+    compression: str = "mean"        # "mean" pooling | "conv" (strided conv, learned)
+    recon_weight: float = 1.0        # conv: weight of the attention-reconstruction loss
 
     def __post_init__(self):
         for field, valid in CHOICES.items():

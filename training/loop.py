@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import lra
 from lra import pipeline
-from models import build_model, count_params
+from models import build_model, count_params, pop_aux_losses
 from training import objectives, optim
 from training.checkpoint import Checkpoints
 from training.init_from import load_pretrained
@@ -95,19 +95,25 @@ def make_train_step(graphdef, seed: int, objective="classify"):
         def loss_fn(model):
             out = loss_of(model, batch, train=True, rngs=nnx.Rngs(dropout=key))
             count = jnp.maximum(out["count"].sum(), 1.0)
-            return out["loss_sum"].sum() / count, out["correct"].sum() / count
+            loss = out["loss_sum"].sum() / count
+            # auxiliary losses the model left (e.g. the Compressive Transformer's attention
+            # reconstruction, models/recurrent.py): weight x value added, value logged
+            aux = pop_aux_losses(model)
+            total = loss + sum(w * v for v, w in aux.values())
+            logged = {k: v for k, (v, _) in aux.items()}
+            return total, (loss, out["correct"].sum() / count, logged)
 
-        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        (total, (loss, acc, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         gnorm = optax.tree.norm(grads)
         before = nnx.state((model, opt))
         opt.update(model, grads)
         after = nnx.state((model, opt))
-        grads_finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        grads_finite = jnp.isfinite(total) & jnp.isfinite(gnorm)
         finite = grads_finite & _all_finite(after)
         # A non-finite step changes nothing; the host stops the run at its next check.
         new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), after, before)
         metrics = {"loss": loss, "accuracy": acc, "grad_norm": gnorm, "finite": finite,
-                   "grads_finite": grads_finite,
+                   "grads_finite": grads_finite, "aux": aux,
                    "param_norm": optax.tree.norm(nnx.state(model, nnx.Param))}
         return new_state, metrics
 

@@ -151,6 +151,8 @@ class TrainMonitor:
         row = {"step": step, "split": "train"}
         for k in ("loss", "accuracy", "grad_norm", "param_norm"):
             row[k] = float(np.mean([float(m[k]) for m in rows]))
+        for k in rows[0].get("aux", {}):        # auxiliary losses (e.g. recon_loss)
+            row[k] = float(np.mean([float(m["aux"][k]) for m in rows]))
         row["learning_rate"] = float(self.lr(step - 1))
         row["steps_per_sec"] = self.steps / dt
         row["examples_per_sec"] = self.steps * self.batch_size / dt

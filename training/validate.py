@@ -75,6 +75,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.compression_rate": integer(1),
     "model.segment_len": integer(0),
     "model.mem_len": integer(0),
+    "model.recon_weight": number(0.0),
     "attention.impl": choice("xla", "pallas", "auto"),
     "data.max_len": integer(1),
     "data.batch_size": integer(1),
@@ -148,24 +149,12 @@ def validate_config(config) -> None:
 
 
 def _xl_relations(config) -> list[str]:
-    """model.recurrence="xl" (models/recurrent.py): what the XL encoder supports."""
-    m, out = config.model, []
+    """model.recurrence="xl" | "compressive": the XL encoder's own rules
+    (models/recurrent.py: xl_problems, the one source) and what the loop adds."""
+    from models.recurrent import xl_problems
+
     name = _get(config, "attention.name")
-    if name is not _MISSING and name != "dense":
-        out.append(f"model.recurrence='xl' computes its own within-segment attention (dense "
-                   f"with the relative-position terms): attention.name={name!r} is not "
-                   f"supported with it; use 'dense'")
-    if not (_is_int(m.get("segment_len")) and m.get("segment_len") >= 1):
-        out.append(f"model.recurrence='xl' needs model.segment_len >= 1; got "
-                   f"{m.get('segment_len')!r}")
-    if m.get("pooling") != "mean":
-        out.append(f"model.recurrence='xl' needs model.pooling='mean' (no CLS prefix in a "
-                   f"segmented stream); got {m.get('pooling')!r}")
-    for field in ("remat", "reversible"):
-        if m.get(field) is True:
-            out.append(f"model.recurrence='xl' does not support model.{field}=True")
-    if _is_int(m.get("num_global_tokens")) and m.get("num_global_tokens") > 0:
-        out.append("model.recurrence='xl' does not support model.num_global_tokens > 0")
+    out = xl_problems(config.model, None if name is _MISSING else name)
     if _get(config, "train.seq_shards") not in (_MISSING, 1):
         out.append("model.recurrence='xl' does not support train.seq_shards > 1")
     return out
@@ -184,11 +173,6 @@ def _relations(config) -> list[str]:
                     "recompute in the backward pass; set one of them")
     if m.get("recurrence") in ("xl", "compressive"):
         out += _xl_relations(config)
-    rate, seg = m.get("compression_rate"), m.get("segment_len")
-    if m.get("recurrence") == "compressive" and _is_int(rate) and _is_int(seg) and rate >= 1 \
-            and seg >= 1 and seg % rate:
-        out.append(f"model.recurrence='compressive': model.compression_rate={rate} must divide "
-                   f"model.segment_len={seg}")
     g, name = m.get("num_global_tokens"), _get(config, "attention.name")
     if _is_int(g) and g > 0 and name is not _MISSING and name not in ("longformer",):
         out.append(f"model.num_global_tokens={g} (ETC global tokens) needs attention.name="
