@@ -122,6 +122,28 @@ class EncoderBlock(nnx.Module):
         return x + self.ffn_branch(x, train=train, rngs=rngs)
 
 
+# Dropout masks are drawn with the Philox generator (Salmon et al. 2011; JAX's "philox2x32"),
+# from one key of the caller's stream per forward pass (dropout_rngs). Why not JAX's default
+# threefry: on the CPU, JAX lowers threefry as a rolled loop, and XLA gave the loop's two uint32
+# carries of the mask's shape a temporary slot of their own for every call, never reused, so the
+# compiled temporary memory grew by 8 bytes per element of every dropout in the program; under
+# remat/reversible that was almost all of what still grew with depth
+# (results/memory_depth_cpu_dropout.md). Philox lowers without a loop. philox4x32 (64-bit keys)
+# compiled a tiny training step ~50% slower than threefry, philox2x32 ~10%; its keys are 32-bit
+# (two dropout calls of a long run may share a mask: harmless for regularisation).
+DROPOUT_PRNG = "philox2x32"
+
+
+def dropout_rngs(rngs: nnx.Rngs | None) -> nnx.Rngs | None:
+    """A fresh dropout stream for one forward pass: one key drawn from `rngs` turned into a
+    DROPOUT_PRNG key (same `rngs`, same masks; other masks than threefry's, same distribution)."""
+    if rngs is None:
+        return None
+    width = jax.random.key_data(jax.random.key(0, impl=DROPOUT_PRNG)).shape
+    data = jax.random.bits(rngs.dropout(), width, jnp.uint32)
+    return nnx.Rngs(dropout=jax.random.wrap_key_data(data, impl=DROPOUT_PRNG))
+
+
 def _after(ct, tree):
     """`tree`'s values made data-dependent on the cotangent `ct`, unchanged (unless ct's first
     element is NaN, when the gradient is NaN anyway). A recompute in the backward pass that
@@ -314,6 +336,7 @@ class Encoder(nnx.Module):
         replace: bool [B, T] positions whose token embedding is swapped for `replacement` [E]
         (masked-token prediction)."""
         b, t = tokens.shape
+        rngs = dropout_rngs(rngs) if train else rngs
         if t > self.max_len:
             raise ValueError(f"input length {t} exceeds the model's max_len {self.max_len}")
         x = self.embed(tokens)  # [B, T, E]
