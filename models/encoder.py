@@ -23,6 +23,7 @@ from flax import nnx
 import attention
 
 from attention.context_parallel import shard_sequence
+from models.etc import RelativeGlobalLocalAttention
 from models.multihead import MultiHeadAttention, layer_hparams
 from models.settings import ModelSettings
 
@@ -67,11 +68,10 @@ class EncoderBlock(nnx.Module):
     draws, same distribution)."""
 
     def __init__(self, *, emb_dim, mlp_dim, dropout_rate, attention_dropout_rate, dtype, rngs,
-                 ffn_chunks: int = 1, **attention_kwargs):
+                 ffn_chunks: int = 1, attention_cls=MultiHeadAttention, **attention_kwargs):
         self.norm1 = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
-        self.attention = MultiHeadAttention(emb_dim=emb_dim, dtype=dtype, rngs=rngs,
-                                            dropout_rate=attention_dropout_rate,
-                                            **attention_kwargs)
+        self.attention = attention_cls(emb_dim=emb_dim, dtype=dtype, rngs=rngs,
+                                       dropout_rate=attention_dropout_rate, **attention_kwargs)
         self.norm2 = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
         self.mlp_in = nnx.Linear(emb_dim, mlp_dim, dtype=dtype, rngs=rngs)
         self.mlp_out = nnx.Linear(mlp_dim, emb_dim, dtype=dtype, rngs=rngs)
@@ -293,6 +293,13 @@ class Encoder(nnx.Module):
         overrides = {k: v for k, v in attention_cfg.items() if k not in ("name", "impl")}
         if self.num_global:
             overrides["num_global"] = prefix
+        relative = {}   # ETC's relative position labels: models/etc.py's attention layer
+        if m.relative_labels:
+            if not self.num_global:
+                raise ValueError("model.relative_labels=True (ETC relative position labels) "
+                                 "needs model.num_global_tokens > 0")
+            relative = {"attention_cls": RelativeGlobalLocalAttention,
+                        "relative_max_distance": m.relative_max_distance}
         self.blocks = nnx.List([
             EncoderBlock(
                 emb_dim=emb, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate,
@@ -302,7 +309,7 @@ class Encoder(nnx.Module):
                 hparams=layer_hparams(name, overrides, layer_index=i, grid_shape=grid_shape,
                                       num_prefix=prefix),
                 max_len=total, attention_dropout_rate=m.attention_dropout_rate,
-                causal=causal)
+                causal=causal, **relative)
             for i in range(m.num_layers)])
         self.norm = nnx.LayerNorm(emb, dtype=self.dtype, rngs=rngs)
         self.remat = m.remat

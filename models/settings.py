@@ -42,6 +42,11 @@ class ModelSettings:
     # ETC global tokens: learned tokens after CLS that attend to and are seen by every token
     # (attention 'longformer': its num_global is set to the prefix; long tokens: window).
     num_global_tokens: int = 0
+    # ETC's relative position labels (models/etc.py; needs num_global_tokens > 0): a learned
+    # key-side embedding per label, clip(j - i, -k, k) with k = relative_max_distance for
+    # long-long and global-global pairs, one label each for long-to-global and global-to-long.
+    relative_labels: bool = False
+    relative_max_distance: int = 12
     # Segment-level recurrence (models/recurrent.py): "none" | "xl" (Transformer-XL: segments
     # of segment_len tokens, each layer attends over [mem_len cached states; segment]; dense:
     # the paper's relative positions; another variant runs on the window [memory; segment]

@@ -71,6 +71,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.reversible": boolean,
     "model.ffn_chunks": integer(1),
     "model.num_global_tokens": integer(0),
+    "model.relative_labels": boolean,
+    "model.relative_max_distance": integer(1),
     "model.cmem_len": integer(0),
     "model.compression_rate": integer(1),
     "model.segment_len": integer(0),
@@ -177,6 +179,9 @@ def _relations(config) -> list[str]:
     if _is_int(g) and g > 0 and name is not _MISSING and name not in ("longformer",):
         out.append(f"model.num_global_tokens={g} (ETC global tokens) needs attention.name="
                    f"'longformer' (global positions the model sets); got {name!r}")
+    if m.get("relative_labels") is True and _is_int(g) and g == 0:
+        out.append("model.relative_labels=True (ETC relative position labels) needs "
+                   "model.num_global_tokens > 0")
     lo, hi = _get(config, "data.min_length"), _get(config, "data.max_length")
     if _is_int(lo) and _is_int(hi) and lo >= hi:
         out.append(f"data.min_length={lo} must be < data.max_length={hi}")
