@@ -1,13 +1,20 @@
 """ETC global tokens (model.num_global_tokens with the longformer pattern) against a float64
 numpy reference with the explicit mask: the prefix (CLS, global tokens) attends to every token
-and is seen by every token; a long token sees its window and the prefix."""
+and is seen by every token; a long token sees its window and the prefix. With ETC's relative
+position labels (model.relative_labels, models/etc.py): the same reference plus the key-side
+label term, the blocked function against a float64 dense one, zero labels = the longformer path,
+and compiled memory linear in the length."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import listops as listops_config
 from models import build_model
+from models.etc import global_local_attention, num_labels
+from tests.attention.compile_options import FAST_COMPILE
 from tests.models.reference import gelu as _gelu
 from tests.models.reference import layer_norm as _ln
 from tests.models.reference import linear as _lin
@@ -17,6 +24,7 @@ from training.validate import ConfigError, validate_config
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 T, G, W = 16, 2, 2
+K = 1   # relative_max_distance: distance 2 in the window and among CLS + 2 globals is clipped
 
 
 def etc_config(pooling="mean", **model):
@@ -26,6 +34,19 @@ def etc_config(pooling="mean", **model):
                    attention_dropout_rate=0.0, emb_dim=16, qkv_dim=16, mlp_dim=32)
     c.model.update(model)
     return c
+
+
+def reference_labels(n, p, k):
+    """ETC's labels written out: 0..2k clipped j - i (long-long, prefix-prefix), 2k + 1 long
+    query -> prefix key, 2k + 2 prefix query -> long key."""
+    lab = np.zeros((n, n), int)
+    for i in range(n):
+        for j in range(n):
+            if (i < p) == (j < p):
+                lab[i, j] = min(max(j - i, -k), k) + k
+            else:
+                lab[i, j] = 2 * k + 1 if j < p else 2 * k + 2
+    return lab
 
 
 def reference_states(enc, tokens, mask):
@@ -48,7 +69,11 @@ def reference_states(enc, tokens, mask):
         h = _ln(x, blk.norm1)
         split = lambda y: y.reshape(b, n, nh, hd).transpose(0, 2, 1, 3)  # noqa: E731
         q, k, v = split(_lin(h, att.query)), split(_lin(h, att.key)), split(_lin(h, att.value))
-        s = np.where(allowed, q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd), -np.inf)
+        s = q @ k.transpose(0, 1, 3, 2)
+        if hasattr(att, "relative"):                       # q_i . a_label(i, j)
+            a = _p(att.relative)[reference_labels(n, p, att.max_distance)]  # [n, n, hd]
+            s = s + np.einsum("bhid,ijd->bhij", q, a)
+        s = np.where(allowed, s / np.sqrt(hd), -np.inf)
         w = np.exp(s - s.max(-1, keepdims=True))
         w = w / w.sum(-1, keepdims=True)
         y = (w @ v).transpose(0, 2, 1, 3).reshape(b, n, nh * hd)
@@ -57,10 +82,12 @@ def reference_states(enc, tokens, mask):
     return _ln(x, enc.norm)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_global_tokens_match_float64_masked_reference(pooling):
-    model = build_model(etc_config(pooling), num_classes=10, vocab_size=16, max_len=T)
+@pytest.mark.parametrize("pooling,relative", [("mean", False), ("cls", False), ("cls", True)])
+def test_global_tokens_match_float64_masked_reference(pooling, relative):
+    c = etc_config(pooling, relative_labels=relative, relative_max_distance=K)
+    model = build_model(c, num_classes=10, vocab_size=16, max_len=T)
     enc = model.encoder
+    assert hasattr(enc.blocks[0].attention, "relative") == relative
     assert enc.num_prefix == G + (pooling == "cls")
     assert enc.blocks[0].attention.hparams["num_global"] == enc.num_prefix
     rng = np.random.default_rng(0)
@@ -85,3 +112,99 @@ def test_global_tokens_need_longformer():
         validate_config(c)
     with pytest.raises(ValueError, match="global positions"):
         build_model(c, num_classes=10, vocab_size=16, max_len=64)
+
+
+def dense_relative_reference(q, k, v, rel, mask, *, causal, window, p, kmax):
+    """float64 numpy: every pair's logit q_i . (k_j + a_label) / sqrt(d) under the explicit
+    global-local mask; a query without keys gets zeros."""
+    b, t, h, d = q.shape
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    allowed = (np.abs(i - j) <= window) | (i < p) | (j < p)
+    if causal:
+        allowed = allowed & (j <= i)
+    allowed = allowed[None, None] & mask[:, None, None, :]
+    a = rel[reference_labels(t, p, kmax)]                              # [T, T, D]
+    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    s = (qh @ kh.transpose(0, 1, 3, 2) + np.einsum("bhid,ijd->bhij", qh, a)) / np.sqrt(d)
+    s = np.where(allowed, s, -np.inf)
+    top = s.max(-1, keepdims=True)
+    w = np.where(allowed, np.exp(s - np.where(np.isfinite(top), top, 0)), 0)
+    w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
+    return (w @ vh).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_relative_labels_function_equals_float64_dense_reference(causal):
+    """Blocked (band blocks of 16, length 21 padded to 32) against the dense float64 pairs:
+    3 prefix positions, window 3, labels clipped at 2, the second sequence padded by 6."""
+    b, t, h, d, w, p, kmax = 2, 21, 2, 4, 3, 3, 2
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(b, t, h, d)) for _ in range(3))
+    rel = rng.normal(size=(num_labels(kmax), d))
+    mask = np.arange(t)[None] < np.array([[t], [t - 6]])
+    fn = jax.jit(lambda *a: global_local_attention(*a[:4], kv_mask=a[4], causal=causal,
+                                                   window=w, num_prefix=p, max_distance=kmax))
+    with jax.enable_x64(True):
+        got = fn(*(jnp.asarray(x) for x in (q, k, v, rel, mask)))
+        assert got.dtype == jnp.float64
+        got = np.asarray(got)
+    want = dense_relative_reference(q, k, v, rel, mask, causal=causal, window=w, p=p, kmax=kmax)
+    real = mask[:, :, None, None]
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-12)
+
+
+def test_zero_labels_equal_the_longformer_path():
+    """Same parameters, label tables zero: the relative-label layer is the longformer variant
+    with the model's num_global (outputs, in training mode too: same dropout draws)."""
+    plain = build_model(etc_config("cls", attention_dropout_rate=0.2), num_classes=10,
+                        vocab_size=16, max_len=T)
+    rel = build_model(etc_config("cls", attention_dropout_rate=0.2, relative_labels=True),
+                      num_classes=10, vocab_size=16, max_len=T)
+    nnx.update(rel, nnx.state(plain, nnx.Param))
+    for blk in rel.encoder.blocks:
+        blk.attention.relative[...] = jnp.zeros_like(blk.attention.relative[...])
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(1, 16, (2, T)))
+    mask = jnp.asarray(np.arange(T)[None] < np.array([[T - 5], [T]]))
+    for train in (False, True):
+        rngs = lambda: nnx.Rngs(dropout=3) if train else None  # noqa: E731
+        want, m = plain.encoder.states(tokens, mask, train=train, rngs=rngs())
+        got, _ = rel.encoder.states(tokens, mask, train=train, rngs=rngs())
+        real = np.asarray(m)[..., None]
+        np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-5)
+    blk = rel.encoder.blocks[0].attention
+    blk.relative[...] = jnp.ones_like(blk.relative[...])
+    moved, _ = rel.encoder.states(tokens, mask)
+    assert not np.allclose(moved, want, atol=1e-3)        # the labels do enter
+
+
+def test_relative_labels_memory_linear_in_length():
+    """Forward + backward compiled at n and 4n: temp bytes grow ~4x (dense scores: 16x), and
+    no array of n x n elements anywhere (traced at 8n)."""
+    from tools.compiled import compile_fn, largest_array, memory
+
+    kw = dict(window=16, num_prefix=4, max_distance=4)
+
+    def program(n):
+        def f(q, k, v, rel, mask):
+            def loss(q, k, v, rel):
+                return jnp.sum(global_local_attention(q, k, v, rel, kv_mask=mask, **kw) ** 2)
+            return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, rel)
+        x = jax.ShapeDtypeStruct((1, n, 2, 16), jnp.float32)
+        return f, (x, x, x, jax.ShapeDtypeStruct((num_labels(4), 16), jnp.float32),
+                   jax.ShapeDtypeStruct((1, n), jnp.bool_))
+
+    temp = [memory(compile_fn(*program(n), compiler_options=FAST_COMPILE)[0])["temp_bytes"]
+            for n in (256, 1024)]
+    assert 0.7 * 4 <= temp[1] / temp[0] <= 1.25 * 4, temp
+    n = 2048
+    f, args = program(n)
+    assert largest_array(jax.make_jaxpr(f)(*args).jaxpr) < n * n / 2
+
+
+def test_relative_labels_need_global_tokens():
+    c = etc_config(relative_labels=True, num_global_tokens=0)
+    with pytest.raises(ConfigError, match="relative_labels"):
+        validate_config(c)
+    with pytest.raises(ValueError, match="num_global_tokens > 0"):
+        build_model(c, num_classes=10, vocab_size=16, max_len=T)
