@@ -6,7 +6,7 @@ variant (attention.register_pallas), with the variant's own signature plus kerne
                 sparse_fixed, longformer, bigbird (block lists from block_mask)
   linear        chunked linear attention for linear and performer
   gla           chunked gated linear attention (per-channel decay) for gla
-  delta         the chunked delta rule (WY form) for deltanet and gated_deltanet (forward)
+  delta         the chunked delta rule (WY form) for deltanet and gated_deltanet
   diff          differential attention as two dense flash calls
   selected      sliding_sink (static layout + learned sink), moba (per-row block selection),
                 nsa (moba's + local's kernels) and mixture (members' kernels)

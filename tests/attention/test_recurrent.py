@@ -296,10 +296,11 @@ def test_pallas_gla_equals_xla_in_interpret_mode(dtype):
 
 @pytest.mark.filterwarnings("ignore:.*interpret mode:UserWarning")
 def test_pallas_delta_equals_xla_in_interpret_mode():
-    """gated_deltanet's kernels (the per-chunk triangular solve by forward substitution, the
-    state pass, the output) against the XLA form in float64 (block_t 4: five chunks, the last
-    partial) on a length of 19 with a padded row: outputs and gradients (the backward is the
-    XLA form's, so the gradients check the custom_vjp's wiring of beta and the decays)."""
+    """gated_deltanet's kernels, forward (the per-chunk triangular solve by forward
+    substitution, the state pass, the output) and backward (reverse state pass, per-chunk
+    gradients of q, k, v, beta and the decays), against the XLA form (autodiff) in float64
+    (block_t 4: five chunks, the last partial) on a length of 19 with a padded row: outputs
+    and the gradients of q, k, v and every gate param."""
     with jax.enable_x64(True):
         q, k, v, ct, mask = inputs(9)
         k = 2.0 * k
@@ -334,12 +335,12 @@ def test_pallas_diff_equals_xla_in_interpret_mode():
 def test_pallas_gla_and_diff_lower_through_triton():
     """Forward and backward lower for a GPU from this CPU: gla's forward kernels (states,
     output) and backward kernels (reverse states, dQ/dK/dV), diff's two flash calls (forward,
-    dQ, dK/dV each), gated_deltanet's three forward kernels (per-chunk solve, states, output;
-    its backward is the XLA form)."""
+    dQ, dK/dV each), gated_deltanet's forward kernels (per-chunk solve, states, output) and
+    backward kernels (reverse states, per-chunk gradients)."""
     b, t, h, d = 1, 100, 2, 32
     x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((b, t), jnp.bool_)
-    for name, calls in (("gla", 4), ("diff", 6), ("gated_deltanet", 3)):
+    for name, calls in (("gla", 4), ("diff", 6), ("gated_deltanet", 5)):
         params = attention.get(name).init_state(jax.random.key(1), q_len=t, kv_len=t,
                                                 num_heads=h, head_dim=d)["params"]
 
