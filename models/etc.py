@@ -12,8 +12,9 @@ learned embedding of the pair's label on the key side (Shaw et al. 2018, as ETC 
                 = "global-to-long"     prefix query i, long key j
 
 2k + 3 labels; `a` is a learned [2k + 3, head_dim] table per layer, shared by the heads (Shaw et
-al. share it across heads). k is `model.relative_max_distance` (default 12; pairs farther
-apart than k inside the window share the clipped label).
+al. share it across heads). k is `model.relative_max_distance` (default 12, the value of ETC's
+released configuration as we recall it, not checked here; pairs farther apart than k inside the
+window share the clipped label).
 Deviations from ETC: one set of q/k/v projections for all four pieces (ETC has separate ones
 for global and long tokens), the global tokens are learned vectors (ETC derives them from the
 input's structure, e.g. one per sentence, with hierarchical "part of" labels for global-to-long
@@ -35,7 +36,8 @@ from flax import nnx
 from attention import context_parallel, patterns
 # the blocked machinery of the window patterns (the longformer variant's own building blocks)
 from attention._banded import band, finish, prepare, unblock
-from attention._blocks import Partial, merge, pad_axis, pair_mask, to_blocks
+from attention._blocks import (STATIC_MASK_LIMIT, Partial, merge, pad_axis, pair_mask,
+                               to_blocks)
 from attention._util import NEG_INF
 from models.multihead import MultiHeadAttention
 
@@ -45,12 +47,22 @@ def num_labels(max_distance: int) -> int:
     return 2 * max_distance + 3
 
 
-def labels(i, j, *, num_prefix: int, max_distance: int) -> np.ndarray:
-    """int32 label of each (query position i, key position j), numpy, broadcast."""
+def labels(i, j, *, num_prefix: int, max_distance: int):
+    """int32 label of each (query position i, key position j), broadcast. numpy positions give
+    a numpy array (a constant of the program); jax positions a computed one."""
+    xp = jnp if isinstance(i, jax.Array) or isinstance(j, jax.Array) else np
     k = max_distance
     gi, gj = i < num_prefix, j < num_prefix
-    rel = np.clip(j - i, -k, k) + k
-    return np.where(gi == gj, rel, np.where(gj, 2 * k + 1, 2 * k + 2)).astype(np.int32)
+    rel = xp.clip(j - i, -k, k) + k
+    return xp.where(gi == gj, rel, xp.where(gj, 2 * k + 1, 2 * k + 2)).astype(np.int32)
+
+
+def _static_labels(i, j, **kw):
+    """labels of numpy positions; above STATIC_MASK_LIMIT pairs computed by XLA from the
+    (linear-size) positions instead of folded into a large constant (as pair_mask does)."""
+    if math.prod(np.broadcast_shapes(i.shape, j.shape)) > STATIC_MASK_LIMIT:
+        i, j = jnp.asarray(i), jnp.asarray(j)
+    return labels(i, j, **kw)
 
 
 def _gather(qa, lab):
@@ -101,7 +113,7 @@ def global_local_attention(q, k, v, rel, *, kv_mask=None, causal=False, window: 
                          f"{(num_labels(max_distance), q.shape[-1])}")
     qh, kh, vh, kvm = prepare("etc relative labels", q, k, v, kv_mask, causal)
     p = num_prefix
-    lab = lambda i, j: labels(i, j, num_prefix=p, max_distance=max_distance)  # noqa: E731
+    lab = lambda i, j: _static_labels(i, j, num_prefix=p, max_distance=max_distance)  # noqa
     keep = lambda i, j: patterns.longformer(i, j, window=window, num_global=p)  # noqa: E731
     keys = [None, None] if not (dropout_rate and dropout_rng is not None) \
         else list(jax.random.split(dropout_rng, 2))

@@ -13,6 +13,7 @@ from flax import nnx
 
 from configs import listops as listops_config
 from models import build_model
+from models import etc
 from models.etc import global_local_attention, num_labels
 from tests.attention.compile_options import FAST_COMPILE
 from tests.models.reference import gelu as _gelu
@@ -133,10 +134,14 @@ def dense_relative_reference(q, k, v, rel, mask, *, causal, window, p, kmax):
     return (w @ vh).transpose(0, 2, 1, 3)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_relative_labels_function_equals_float64_dense_reference(causal):
+@pytest.mark.parametrize("causal,computed_labels", [(False, False), (True, True)])
+def test_relative_labels_function_equals_float64_dense_reference(causal, computed_labels,
+                                                                 monkeypatch):
     """Blocked (band blocks of 16, length 21 padded to 32) against the dense float64 pairs:
-    3 prefix positions, window 3, labels clipped at 2, the second sequence padded by 6."""
+    3 prefix positions, window 3, labels clipped at 2, the second sequence padded by 6.
+    computed_labels: the labels computed by XLA (as for long sequences), not constants."""
+    if computed_labels:
+        monkeypatch.setattr(etc, "STATIC_MASK_LIMIT", 0)
     b, t, h, d, w, p, kmax = 2, 21, 2, 4, 3, 3, 2
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(b, t, h, d)) for _ in range(3))
