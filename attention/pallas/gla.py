@@ -13,7 +13,8 @@ state pass walks the chunks backwards for R_c, the gradient of the state after c
 (R <- diag(exp G_c) R + (Q e^G)^T dO), and a chunk-parallel pass gives dQ, dK, dV from the
 forward states S_c (kept from the forward pass: [NC, Dk, Dv] per batch-head, the size of the
 keys when the chunk is Dv long), R_c and the intra-chunk sums, again row by row. The
-log-decays' gradient is dg_t = sum_{s>=t} (q_s dq_s - k_s dk_s) (a reverse cumsum, in XLA).
+log-decays' gradient: the same kernel gives dL/dG = q dq - k dk per position plus the chunk-end
+decay's term at the chunk's last row; dg is its within-chunk reverse cumsum (in XLA).
 Each program of every kernel is independent: the state passes walk the chunks inside one
 program per batch-head, nothing is carried across grid steps. Gates, masking, the
 bidirectional form and the output norm are the XLA variant's own
@@ -83,18 +84,24 @@ def _out_kernel(q_ref, k_ref, v_ref, g_ref, s_ref, o_ref, *, cfg: _Config):
     o_ref[...] = jax.lax.fori_loop(0, cfg.chunk, body, o)
 
 
-def _grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, s_ref, r_ref, dq_ref, dk_ref, dv_ref, *,
-                 cfg: _Config):
-    """One chunk's dQ, dK, dV (attention.gla.gla_chunkwise_bwd's formulas): q, k, g [C, Dk];
-    v, do [C, Dv]; s_ref: the state before the chunk, r_ref: the gradient of the state after
-    it, [Dk, Dv] each. The intra-chunk sums go row by row: key row t to the queries i >= t
-    (dQ), query row t to the keys j <= t (dK, dV); every exponent is <= 0."""
-    k, v, g, do, r = k_ref[...], v_ref[...], g_ref[...], do_ref[...], r_ref[...]
-    ed = jnp.exp(g_ref[pl.ds(cfg.chunk - 1, 1), :] - g)                   # e^{G_c - G}
-    dq = jnp.exp(g) * plgpu.dot(do, s_ref[...], trans_b=True)
+def _grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, s_ref, r_ref, dq_ref, dk_ref, dv_ref,
+                 dg_ref, *, cfg: _Config):
+    """One chunk's dQ, dK, dV and dL/dG (attention.gla.gla_chunkwise_bwd's formulas): q, k, g
+    [C, Dk]; v, do [C, Dv]; s_ref: the state before the chunk, r_ref: the gradient of the state
+    after it, [Dk, Dv] each. The intra-chunk sums go row by row: key row t to the queries
+    i >= t (dQ), query row t to the keys j <= t (dK, dV); every exponent is <= 0.
+    dg_ref [C, Dk]: q dq - k dk, plus at the last row dL/dG_c = sum_j k_j dk_j|state +
+    e^{G_c} rowsum(S * R)."""
+    q, k, v, g, do = q_ref[...], k_ref[...], v_ref[...], g_ref[...], do_ref[...]
+    s, r = s_ref[...], r_ref[...]
+    gc = g_ref[pl.ds(cfg.chunk - 1, 1), :]                                 # [1, Dk]
+    ed = jnp.exp(gc - g)                                                   # e^{G_c - G}
+    dq = jnp.exp(g) * plgpu.dot(do, s, trans_b=True)
     dk = ed * plgpu.dot(v, r, trans_b=True)
     dv = plgpu.dot(k * ed, r)
     rows = jax.lax.broadcasted_iota(jnp.int32, (cfg.chunk, 1), 0)
+    dgc = (jnp.sum(k * dk, axis=0, keepdims=True)
+           + jnp.exp(gc) * jnp.sum(s * r, axis=1)[None, :])                # [1, Dk]
 
     def body(t, grads):
         dq, dk, dv = grads
@@ -114,6 +121,7 @@ def _grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, s_ref, r_ref, dq_ref, dk_re
     dq_ref[...] = dq
     dk_ref[...] = dk
     dv_ref[...] = dv
+    dg_ref[...] = q * dq - k * dk + jnp.where(rows == cfg.chunk - 1, dgc, 0.0)
 
 
 def _states(cfg: _Config, a, b, decay, *, reverse: bool):
@@ -176,26 +184,28 @@ def _forward(cfg: _Config, q, k, v, g):
 
 
 def _backward(cfg: _Config, res, do):
-    """-> (dq, dk, dv, dg) of the padded [B, T, H, .] inputs; the gate's by
-    dg_t = sum_{s>=t} (q_s dq_s - k_s dk_s) (attention.gla.gla_chunkwise_bwd)."""
+    """-> (dq, dk, dv, dg) of the padded [B, T, H, .] inputs; dg: the within-chunk reverse
+    cumsum of the kernel's dL/dG (attention.gla.gla_chunkwise_bwd)."""
     q, k, v, cum, decay, states = res
     batch, t, heads, dk = k.shape
     dv = v.shape[-1]
     after = _states(cfg, q * jnp.exp(cum), do, decay, reverse=True)
-    dq, dk_, dv_ = pl.pallas_call(
+    dq, dk_, dv_, dcum = pl.pallas_call(
         functools.partial(_grad_kernel, cfg=cfg),
         grid=(t // cfg.chunk, batch, heads),
         in_specs=[_chunk_spec(cfg, dk), _chunk_spec(cfg, dk), _chunk_spec(cfg, dv),
                   _chunk_spec(cfg, dk), _chunk_spec(cfg, dv), _state_spec(dk, dv),
                   _state_spec(dk, dv)],
-        out_specs=[_chunk_spec(cfg, dk), _chunk_spec(cfg, dk), _chunk_spec(cfg, dv)],
+        out_specs=[_chunk_spec(cfg, dk), _chunk_spec(cfg, dk), _chunk_spec(cfg, dv),
+                   _chunk_spec(cfg, dk)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype)],
         compiler_params=_params(cfg, dk, dv),
         interpret=cfg.interpret,
         name="gla_grad",
     )(q, k, v, cum, do, states, after)
-    dg = jax.lax.cumsum(q * dq - k * dk_, axis=1, reverse=True)
+    chunks = (batch, t // cfg.chunk, cfg.chunk, heads, dk)
+    dg = jax.lax.cumsum(dcum.reshape(chunks), axis=2, reverse=True).reshape(k.shape)
     return dq, dk_, dv_, dg
 
 
