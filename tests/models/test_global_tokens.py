@@ -160,33 +160,30 @@ def test_relative_labels_function_equals_float64_dense_reference(causal, compute
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-12)
 
 
-def test_zero_labels_equal_the_longformer_path(monkeypatch):
-    """Label tables zero: each layer equals the same layer run through MultiHeadAttention's
-    call, i.e. the longformer variant with the model's num_global and the same projections
-    (in training mode with attention dropout: the same draws too)."""
+def test_zero_labels_equal_the_longformer_path():
+    """Label table zero: the layer equals itself run through MultiHeadAttention's call, i.e.
+    the longformer variant with the model's num_global and the same projections (in training
+    mode with attention dropout: the same draws too)."""
     from models.multihead import MultiHeadAttention
 
     model = build_model(etc_config("cls", attention_dropout_rate=0.2, relative_labels=True),
                         num_classes=10, vocab_size=16, max_len=T)
-    enc = model.encoder
-    for blk in enc.blocks:
-        blk.attention.relative[...] = jnp.zeros_like(blk.attention.relative[...])
-    rng = np.random.default_rng(1)
-    tokens = jnp.asarray(rng.integers(1, 16, (2, T)))
-    mask = jnp.asarray(np.arange(T)[None] < np.array([[T - 5], [T]]))
+    att = model.encoder.blocks[0].attention
+    att.relative[...] = jnp.zeros_like(att.relative[...])
+    p = model.encoder.num_prefix
+    x = jax.random.normal(jax.random.key(1), (2, p + T, 16))
+    mask = jnp.asarray(np.arange(p + T)[None] < np.array([[p + T - 5], [p + T]]))
 
-    def states(e, tokens, mask):
-        return e.states(tokens, mask, train=True, rngs=nnx.Rngs(dropout=3))
-    got, m = nnx.jit(states)(enc, tokens, mask)
-    relative_call = etc.RelativeGlobalLocalAttention.__call__
-    monkeypatch.setattr(etc.RelativeGlobalLocalAttention, "__call__", MultiHeadAttention.__call__)
-    want, _ = nnx.jit(lambda *a: states(*a))(enc, tokens, mask)   # a new trace
-    real = np.asarray(m)[..., None]
+    def layer(call):
+        return nnx.jit(lambda a, x, m: call(a, x, m, train=True, rngs=nnx.Rngs(dropout=3)))
+    relative = layer(etc.RelativeGlobalLocalAttention.__call__)
+    got = relative(att, x, mask)
+    want = layer(MultiHeadAttention.__call__)(att, x, mask)
+    real = np.asarray(mask)[..., None]
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-5)
-    monkeypatch.setattr(etc.RelativeGlobalLocalAttention, "__call__", relative_call)
-    blk = enc.blocks[0].attention      # (equal labels would add a constant to each row)
-    blk.relative[...] = jax.random.normal(jax.random.key(0), blk.relative.shape)
-    moved, _ = nnx.jit(states)(enc, tokens, mask)             # the labels do enter
+    # the labels do enter (equal labels would only add a constant to each row)
+    att.relative[...] = jax.random.normal(jax.random.key(0), att.relative.shape)
+    moved = relative(att, x, mask)
     assert not np.allclose(np.where(real, moved, 0), np.where(real, want, 0), atol=1e-3)
 
 
