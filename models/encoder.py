@@ -23,6 +23,7 @@ from flax import nnx
 import attention
 
 from attention.context_parallel import shard_sequence
+from models import dropout_prng
 from models.etc import RelativeGlobalLocalAttention
 from models.multihead import MultiHeadAttention, layer_hparams
 from models.settings import ModelSettings
@@ -122,16 +123,12 @@ class EncoderBlock(nnx.Module):
         return x + self.ffn_branch(x, train=train, rngs=rngs)
 
 
-# Dropout masks are drawn with the Philox generator (Salmon et al. 2011; JAX's "philox2x32"),
-# from one key of the caller's stream per forward pass (dropout_rngs). Why not JAX's default
-# threefry: on the CPU, JAX lowers threefry as a rolled loop, and XLA gave the loop's two uint32
-# carries of the mask's shape a temporary slot of their own for every call, never reused, so the
-# compiled temporary memory grew by 8 bytes per element of every dropout in the program; under
-# remat/reversible that was almost all of what still grew with depth
-# (results/memory_depth_cpu_dropout.md). Philox lowers without a loop. philox4x32 (64-bit keys)
-# compiled a tiny training step ~50% slower than threefry, philox2x32 ~10%; its keys are 32-bit
-# (two dropout calls of a long run may share a mask: harmless for regularisation).
-DROPOUT_PRNG = "philox2x32"
+# Dropout masks: Philox2x32-10 bits as an elementwise function of (key, position)
+# (models/dropout_prng.py), from one key of the caller's stream per forward pass (dropout_rngs).
+# JAX's default threefry is a rolled loop on the CPU whose per-call buffers XLA never reused:
+# under remat/reversible that was almost all of what still grew with depth with dropout on
+# (results/memory_depth_cpu_dropout.md); JAX's own philox did not compile for sharded arrays.
+DROPOUT_PRNG = dropout_prng.IMPL
 
 
 def dropout_rngs(rngs: nnx.Rngs | None) -> nnx.Rngs | None:
@@ -139,8 +136,7 @@ def dropout_rngs(rngs: nnx.Rngs | None) -> nnx.Rngs | None:
     DROPOUT_PRNG key (same `rngs`, same masks; other masks than threefry's, same distribution)."""
     if rngs is None:
         return None
-    width = jax.random.key_data(jax.random.key(0, impl=DROPOUT_PRNG)).shape
-    data = jax.random.bits(rngs.dropout(), width, jnp.uint32)
+    data = jax.random.bits(rngs.dropout(), (2,), jnp.uint32)
     return nnx.Rngs(dropout=jax.random.wrap_key_data(data, impl=DROPOUT_PRNG))
 
 
