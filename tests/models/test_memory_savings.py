@@ -190,3 +190,20 @@ def test_remat_memory_with_dropout_grows_far_slower_than_plain():
         growth[bool(mode)] = (b - a) / 2
     assert growth[False] > 0
     assert growth[True] < 0.1 * growth[False], growth
+
+
+def test_dropout_bits_are_philox2x32_10():
+    """models/dropout_prng against Random123's known-answer vectors for Philox2x32-10
+    (counter, key -> output), and its masks keep the requested fraction."""
+    from models.dropout_prng import IMPL, philox2x32
+
+    cases = [((0, 0), 0, (0xFF1DAE59, 0x6CD10DF2)),
+             ((0xFFFFFFFF, 0xFFFFFFFF), 0xFFFFFFFF, (0x2C3F628B, 0xAB4FD7AD)),
+             ((0x243F6A88, 0x85A308D3), 0x13198A2E, (0xDD7CE038, 0xF62A4C12))]
+    c0, c1, key = (np.array(col, np.uint32) for col in zip(*[(c[0][0], c[0][1], c[1])
+                                                             for c in cases]))
+    got = jax.jit(philox2x32)(c0, c1, key)
+    np.testing.assert_array_equal(np.stack(got, 1), np.array([c[2] for c in cases], np.uint32))
+    key = jax.random.wrap_key_data(jnp.array([1, 2], jnp.uint32), impl=IMPL)
+    keep = jax.random.bernoulli(key, 0.9, (200, 500))
+    assert abs(float(keep.mean()) - 0.9) < 0.005
