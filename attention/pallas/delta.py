@@ -25,7 +25,6 @@ variant's own (attention.delta._attend); only the causal scan runs here.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -36,21 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 from attention import delta as xla
 from attention import register_pallas
 from attention.pallas.block_sparse import _pad_axis, _pow2_at_least, pick_block, resolve_interpret
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    chunk: int
-    interpret: bool
-    num_warps: int | None = None
-    num_stages: int | None = None
-
-
-def _params(cfg: _Config, dk: int, dv: int):
-    if cfg.interpret:
-        return None
-    num_warps = cfg.num_warps or (8 if dk * dv >= 128 * 64 else 4)
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages or 2)
+from attention.pallas.gla import _Config, _params    # the same launch settings as gla's kernels
 
 
 def _prep_kernel(k_ref, v_ref, beta_ref, g_ref, u_ref, w_ref, *, cfg: _Config):
