@@ -413,13 +413,18 @@ def conv_config(**model):
                      compression="conv", **model)
 
 
-def test_reconstruction_loss_trains_only_the_compressor():
+def test_reconstruction_loss_trains_only_the_compressor_and_falls():
     """The gradient of the reconstruction loss reaches every layer's convolution and no other
-    parameter (exact zeros); the task's loss does not reach the convolution (the compressed
-    memory enters with its gradient stopped). Evaluation leaves no reconstruction loss."""
-    model = build(conv_config())
-    tokens, mask = (a[:, :2 * S] for a in _inputs())     # the second segment evicts the first
+    parameter (exact zeros, layer 1's loss included: its inputs are layer 0's outputs); the
+    task's loss does not reach the convolution (the compressed memory enters with its gradient
+    stopped). Adam on the convolutions with that gradient (the rest fixed), 40 steps on a fixed
+    batch: the loss falls below half its first value (last / first 0.11, 0.14, 0.08 at model
+    seeds 0, 1, 2). The loop's part (adding and logging it) is the next test's."""
+    import optax
 
+    model = build_model(conv_config(), num_classes=VOCAB, vocab_size=VOCAB, max_len=T,
+                        head="tokens", causal=True, seed=0)
+    tokens, mask = (a[:, :2 * S] for a in _inputs())     # the second segment evicts the first
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def losses(p):
@@ -427,15 +432,18 @@ def test_reconstruction_loss_trains_only_the_compressor():
         out = m.encoder.states(jnp.asarray(tokens), jnp.asarray(mask), train=True)[0]
         return pop_aux_losses(m)["recon_loss"][0], jnp.sum(jnp.sin(out))
 
-    @jax.jit
-    def grads(p):                          # one forward, the two pullbacks batched
-        _, pull = jax.vjp(losses, p)
-        return jax.vmap(pull)((jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0])))[0]
+    opt = optax.adam(3e-3)
 
-    both = grads(params)
-    g_recon = jax.tree.map(lambda a: a[0], both)
-    g_task = jax.tree.map(lambda a: a[1], both)
+    @jax.jit
+    def step(p, opt_state):                # one forward, the two pullbacks batched, Adam
+        (recon, _), pull = jax.vjp(losses, p)
+        g = jax.vmap(pull)((jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0])))[0]
+        g_recon, g_task = (jax.tree.map(lambda a: a[i], g) for i in (0, 1))
+        updates, opt_state = opt.update(g_recon, opt_state)   # zero outside the convolutions
+        return recon, g_recon, g_task, optax.apply_updates(p, updates), opt_state
+
     compressor = lambda path: "compressor" in path  # noqa: E731
+    recon, g_recon, g_task, params, opt_state = step(params, opt.init(params))
     seen = set()
     for path, v in nnx.to_flat_state(g_recon):
         size = float(np.abs(np.asarray(v[...])).max())
@@ -448,31 +456,54 @@ def test_reconstruction_loss_trains_only_the_compressor():
     for path, v in nnx.to_flat_state(g_task):
         if compressor(path):
             np.testing.assert_array_equal(np.asarray(v[...]), 0.0)
-    assert nnx.jit(lambda m: (m.encoder.states(jnp.asarray(tokens), jnp.asarray(mask))[0],
-                              pop_aux_losses(m))[1])(model) == {}      # evaluation: none
-
-
-def test_reconstruction_loss_falls_in_the_training_step():
-    """40 steps of the loop's train step (causal_lm on a fixed tiny batch of random bytes):
-    the loop adds recon_weight x recon_loss and reports recon_loss, which falls below half of
-    its first value (last / first 0.15, 0.10, 0.10 at seeds 0, 1, 2 of model and batch)."""
-    from training import optim
-    from training.loop import make_train_step
-
-    c = conv_config(num_layers=1)
-    c.train.update(learning_rate=3e-3, warmup_steps=0, schedule="constant")
-    model = build(c)
-    graphdef, state = nnx.split((model, nnx.Optimizer(model, optim.optimizer(c.train),
-                                                      wrt=nnx.Param)))
-    step = jax.jit(make_train_step(graphdef, 0, "causal_lm"))
-    tokens, mask = (a[:, :2 * S] for a in _inputs())
-    batch = {"inputs": jnp.asarray(tokens), "mask": jnp.asarray(mask)}
-    recon = []
-    for i in range(40):
-        state, metrics = step(state, batch, jnp.asarray(i, jnp.int32))
-        recon.append(float(metrics["aux"]["recon_loss"]))
+    recon = [float(recon)]
+    for _ in range(39):
+        value, _, _, params, opt_state = step(params, opt_state)
+        recon.append(float(value))
     assert np.isfinite(recon).all() and recon[0] > 0
     assert recon[-1] < 0.5 * recon[0], recon
+
+
+def test_the_loop_adds_and_logs_auxiliary_losses():
+    """make_train_step adds weight x value of an AuxLoss the model leaves to the objective's
+    loss (a toy model: the objective does not depend on p, the aux loss (p - 3)^2 with weight 2
+    does) and reports the value under its name; TrainMonitor logs it."""
+    import optax
+
+    from models.recurrent import AuxLoss
+    from training.loop import make_train_step
+    from training.metrics import TrainMonitor
+
+    class Toy(nnx.Module):
+        def __init__(self):
+            self.p = nnx.Param(jnp.zeros(()))
+
+        def __call__(self, x):
+            self.aux_demo = AuxLoss(jnp.square(self.p[...] - 3.0), weight=2.0)
+            return x
+
+    def objective(model, batch, *, train, rngs=None):
+        x = model(batch["x"])
+        return {"loss_sum": x, "correct": 0 * x, "count": jnp.ones_like(x)}
+
+    model = Toy()
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)))
+    step = jax.jit(make_train_step(graphdef, 0, objective))
+    state, metrics = step(state, {"x": jnp.ones((2,))}, jnp.asarray(0, jnp.int32))
+    assert float(metrics["loss"]) == 1.0                      # the objective's loss alone
+    assert float(metrics["aux"]["aux_demo"]) == 9.0
+    np.testing.assert_allclose(float(metrics["grad_norm"]), 2 * 2 * 3.0)   # d/dp 2 (p - 3)^2
+    np.testing.assert_allclose(float(state[0]["p"][...]), 0.1 * 12.0, rtol=1e-6)
+
+    class Writer:
+        rows = []
+        write = rows.append
+        advance = staticmethod(lambda n: None)
+
+    monitor = TrainMonitor(Writer, lambda s: 0.0, 2, lambda: None)
+    monitor.add(metrics)
+    monitor.check(1)
+    assert Writer.rows[0]["aux_demo"] == 9.0 and Writer.rows[0]["loss"] == 1.0
 
 
 def test_compressive_config_errors():
