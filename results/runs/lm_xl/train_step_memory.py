@@ -18,7 +18,10 @@ ROWS = {"plain dense": ("dense", {}),
         "XL local": ("local", {"recurrence": "xl", "segment_len": 64, "mem_len": 64}),
         "compressive conv": ("dense", {"recurrence": "compressive", "segment_len": 64,
                                        "mem_len": 64, "cmem_len": 32, "compression_rate": 2,
-                                       "compression": "conv"})}
+                                       "compression": "conv"}),
+        "compressive mean": ("dense", {"recurrence": "compressive", "segment_len": 64,
+                                       "mem_len": 64, "cmem_len": 32, "compression_rate": 2,
+                                       "compression": "mean"})}
 for name, (variant, over) in ROWS.items():
     c = lm.get_config(f"{variant},small")
     c.model.update(over)
