@@ -81,8 +81,9 @@ class _Ahead:
 class TrainBatch:
     """step -> the training batch of that step, train_indices(...) (picklable: grain sends it
     to its workers). Keeps the permutations of the last two epochs: drawing one every step was
-    most of the cost of a batch of data in memory (on the shared 2-core CPU, load 13: 1.3 ms
-    a batch of 8 for 2,000 examples, 43 ms for 160,000, against 0.13 ms with the cache)."""
+    most of the cost of a batch of data in memory from a few thousand examples on (on the
+    shared 2-core CPU, load 13: 1.3 ms a batch of 8 for 2,000 examples, 43 ms for 160,000,
+    against 0.13 ms with the cache)."""
 
     def __init__(self, source, batch_size: int, seed: int, ahead: int = 1, stride: int = 1):
         self.source, self.batch_size, self.seed = source, batch_size, seed
