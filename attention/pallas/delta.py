@@ -95,6 +95,25 @@ def _out_kernel(q_ref, k_ref, g_ref, new_ref, s_ref, o_ref, *, cfg: _Config):
     o_ref[...] = plgpu.dot(jnp.exp(g)[:, None] * q, s_ref[...]) + plgpu.dot(a, new_ref[...])
 
 
+def _state_pass(kernel, name: str, cfg: _Config, k, v, in_specs, *args):
+    """One program per (batch, head) walking its chunks (no state across grid steps):
+    -> (a state per chunk [B, H, n, Dk, Dv], an array shaped like v [B, T, H, Dv])."""
+    batch, t, heads, dk = k.shape
+    dv, n = v.shape[-1], t // cfg.chunk
+    return pl.pallas_call(
+        functools.partial(kernel, cfg=cfg),
+        grid=(batch, heads),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, None, n, dk, dv), lambda i, j: (i, j, 0, 0, 0)),
+                   pl.BlockSpec((None, t, None, dv), lambda i, j: (i, 0, j, 0))],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, n, dk, dv), k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_params(cfg, dk, dv),
+        interpret=cfg.interpret,
+        name=name,
+    )(*args)
+
+
 def _forward(cfg: _Config, q, k, v, beta, g):
     """q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; beta, g: [B, H, T]; T a multiple of the chunk."""
     batch, t, heads, dk = k.shape
@@ -117,19 +136,10 @@ def _forward(cfg: _Config, q, k, v, beta, g):
         name="delta_prep",
     )(k, v, beta, cum_t)
     full = lambda d: pl.BlockSpec((None, t, None, d), lambda i, j: (i, 0, j, 0))  # noqa: E731
-    states, new = pl.pallas_call(
-        functools.partial(_state_kernel, cfg=cfg),
-        grid=(batch, heads),
-        in_specs=[full(dv), full(dk), full(dk), pl.BlockSpec((None, None, n),
-                                                             lambda i, j: (i, j, 0))],
-        out_specs=[pl.BlockSpec((None, None, n, dk, dv), lambda i, j: (i, j, 0, 0, 0)),
-                   full(dv)],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, n, dk, dv), k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_params(cfg, dk, dv),
-        interpret=cfg.interpret,
-        name="delta_states",
-    )(u, w, kd, jnp.exp(end))
+    states, new = _state_pass(
+        _state_kernel, "delta_states", cfg, k, v,
+        [full(dv), full(dk), full(dk), pl.BlockSpec((None, None, n), lambda i, j: (i, j, 0))],
+        u, w, kd, jnp.exp(end))
     out = pl.pallas_call(
         functools.partial(_out_kernel, cfg=cfg),
         grid=(n, batch, heads),
@@ -218,20 +228,11 @@ def _backward(cfg: _Config, res, do):
     dv = v.shape[-1]
     c, n = cfg.chunk, t // cfg.chunk
     full = lambda d: pl.BlockSpec((None, t, None, d), lambda i, j: (i, 0, j, 0))  # noqa: E731
-    r, dn = pl.pallas_call(
-        functools.partial(_rev_kernel, cfg=cfg),
-        grid=(batch, heads),
-        in_specs=[full(dk), full(dk), pl.BlockSpec((None, None, t), lambda i, j: (i, j, 0)),
-                  full(dk), full(dk), full(dv),
-                  pl.BlockSpec((None, None, n), lambda i, j: (i, j, 0))],
-        out_specs=[pl.BlockSpec((None, None, n, dk, dv), lambda i, j: (i, j, 0, 0, 0)),
-                   full(dv)],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, n, dk, dv), k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_params(cfg, dk, dv),
-        interpret=cfg.interpret,
-        name="delta_states_rev",
-    )(q, k, cum_t, kd, w, do, decay)
+    r, dn = _state_pass(
+        _rev_kernel, "delta_states_rev", cfg, k, v,
+        [full(dk), full(dk), pl.BlockSpec((None, None, t), lambda i, j: (i, j, 0)),
+         full(dk), full(dk), full(dv), pl.BlockSpec((None, None, n), lambda i, j: (i, j, 0))],
+        q, k, cum_t, kd, w, do, decay)
     chunk = lambda d: pl.BlockSpec((None, c, None, d), lambda ci, b, h: (b, ci, h, 0))  # noqa
     row = pl.BlockSpec((None, None, c), lambda ci, b, h: (b, h, ci))
     state = pl.BlockSpec((None, None, None, dk, dv), lambda ci, b, h: (b, h, ci, 0, 0))
