@@ -139,3 +139,23 @@ def test_unknown_task(tmp_path):
     c.data.task = "sudoku"
     with pytest.raises(ValueError, match="Unrecognized task: 'sudoku'. Valid tasks: .*listops"):
         train_and_evaluate(c, str(tmp_path / "w"))
+
+
+def test_state_shapes_come_before_the_arrays(tmp_path):
+    """setup reads shapes from nnx.eval_shape; the jitted init (accelerators) makes the same
+    arrays in the requested sharding as the op-by-op init (CPU), up to the float rounding of
+    the normal inits' scale folded into the sampler."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    from models import count_params
+    from training.loop import model_and_optimizer, setup
+    c = tiny_config(tmp_path)
+    eager, jitted = setup(c, jit_init=False), setup(c, jit_init=True)
+    leaves = jax.tree_util.tree_leaves_with_path
+    shapes = {jax.tree_util.keystr(p): (x.shape, x.dtype) for p, x in leaves(eager.abstract)}
+    assert shapes == {jax.tree_util.keystr(p): (x.shape, x.dtype)
+                      for p, x in leaves(eager.state)}
+    assert eager.num_params == count_params(model_and_optimizer(c, eager.task)[0]) > 0
+    for (path, a), (_, b) in zip(leaves(eager.state), leaves(jitted.state)):
+        assert b.sharding.is_equivalent_to(NamedSharding(eager.mesh, PartitionSpec()), b.ndim)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
