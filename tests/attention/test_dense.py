@@ -7,6 +7,8 @@ import pytest
 
 import attention
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # small shapes: compile time dominates
+
 
 def direct(q, k, v, mask):
     """softmax(q k^T / sqrt(d)) v in numpy float64, rows with no key -> 0."""

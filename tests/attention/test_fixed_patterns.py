@@ -19,6 +19,8 @@ from attention._banded import band_block
 from tests.attention.cases import CASES
 from tests.attention.compile_options import FAST_COMPILE
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # small shapes: compile time dominates
+
 B, H, D = 2, 2, 8
 VARIANTS = ["blockwise", "local", "strided", "sparse", "sparse_fixed", "longformer", "bigbird",
             "axial", "local2d"]

@@ -16,6 +16,8 @@ from attention import delta as delta_mod
 from attention import gla as gla_mod
 from tests.attention.compile_options import FAST_COMPILE
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # small shapes: compile time dominates
+
 B, T, H, D = 2, 19, 2, 4      # T = 19: every chunk size below (4, 8, 16) leaves a partial chunk
 PADS = 3
 

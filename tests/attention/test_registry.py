@@ -33,6 +33,8 @@ import attention
 from tests.attention.cases import CASES
 from tests.attention.compile_options import FAST_COMPILE
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # small shapes: compile time dominates
+
 NAMES = attention.names()
 B, H, D = 4, 2, 8
 N = 24             # length for variants without a grid

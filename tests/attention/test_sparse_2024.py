@@ -16,6 +16,8 @@ import pytest
 import attention
 from tests.attention.compile_options import FAST_COMPILE
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # small shapes: compile time dominates
+
 TOL = 2e-5
 
 

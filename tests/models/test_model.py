@@ -9,6 +9,8 @@ from configs import listops as listops_config
 from models import build_model, count_params
 from models.encoder import sinusoidal_2d_positions, sinusoidal_positions
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # small shapes: compile time dominates
+
 
 def tiny(**model):
     c = listops_config.get_config("dense,tiny")

@@ -1,7 +1,7 @@
 """Context parallelism on 4 host CPU devices: one sequence split over the mesh's "seq" axis
 gives the single-device forward and gradients for every form (ring, halo, window_global,
-kv_state, masked_ring, gather), causal and not, with padding; a tiny run with seq_shards=2
-follows the loss trajectory of seq_shards=1. Runs in its own process
+kv_state, masked_ring, gather), causal and not, with padding; a tiny language-model run with
+seq_shards=2 follows the loss trajectory of seq_shards=1. Runs in its own process
 (tests/test_context_parallel.py starts it with XLA_FLAGS=--xla_force_host_platform_device_count=4);
 skipped with fewer devices."""
 
@@ -102,7 +102,10 @@ def test_zigzag_order_balances_the_causal_ring():
     assert len({int(order[i:i + 4].sum()) for i in range(0, 16, 4)}) == 1
 
 
-@pytest.mark.parametrize("spec", ["configs/listops.py:dense,tiny", "configs/lm.py:dense,tiny"])
+# The classifier's (data 2, seq 2) run against one device is tests/test_context_parallel.py's
+# two-process test, its data-parallel run against one device tests/test_train.py's; here the
+# causal language model, (data 2, seq 2) against (data 4).
+@pytest.mark.parametrize("spec", ["configs/lm.py:dense,tiny"])
 def test_training_with_seq_shards_follows_one_shard(tmp_path, spec):
     from ml_collections import config_flags  # noqa: F401  (configs are loaded by path)
     import importlib.util
