@@ -159,3 +159,29 @@ def test_state_shapes_come_before_the_arrays(tmp_path):
         assert b.sharding.is_equivalent_to(NamedSharding(eager.mesh, PartitionSpec()), b.ndim)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-7,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_the_first_step_reuses_the_checking_trace(tmp_path):
+    """trace_train_step's abstract inputs carry the real inputs' shardings: the jitted step is
+    traced once, not again at step 1."""
+    import jax.numpy as jnp
+
+    from training import objectives
+    from training.loop import make_train_step, setup, trace_train_step
+    c = tiny_config(tmp_path)
+    s = setup(c)
+    traces = []
+
+    def counted(model, batch, **kw):
+        traces.append(1)
+        return objectives.classify(model, batch, **kw)
+
+    s.train_step = jax.jit(make_train_step(s.graphdef, c.seed, counted), donate_argnums=0)
+    trace_train_step(s, c.data.batch_size)
+    assert len(traces) == 1
+    examples = [s.task.splits["train"][i] for i in range(c.data.batch_size)]
+    batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
+    state, _ = s.train_step(s.state, jax.device_put(batch, s.data_sharding),
+                            jnp.asarray(0, jnp.int32))
+    assert len(traces) == 1
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))

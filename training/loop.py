@@ -180,8 +180,7 @@ def initial_state(build: Callable, sharding: NamedSharding, *, jit: bool | None 
     """(graphdef, abstract, state) of the (model, optimizer) that build() makes.
 
     Shapes come first: nnx.eval_shape traces build without allocating anything (a bad
-    hyperparameter fails here), and the parameter count and the train step's trace are read
-    from that abstract state. The state is then made in `sharding`. jit=None picks by backend: on an
+    hyperparameter fails here), and the parameter count is read from that abstract state. The state is then made in `sharding`. jit=None picks by backend: on an
     accelerator one jitted init writes every array straight into its sharding (big_vision's
     habit); on the CPU the init runs op by op and is put there: compiling the whole init takes
     longer here than running it, and op by op gives the values every committed figure trained
@@ -242,11 +241,14 @@ def _sequence_mesh(mesh: Mesh):
 
 def trace_train_step(s: Setup, batch_size: int) -> None:
     """Traces the train step on abstract inputs: a variant's hyperparameters and the shapes of
-    everything are checked (ValueError) without computing anything."""
+    everything are checked (ValueError) without computing anything. The inputs carry the
+    shardings of the real ones, so the first step reuses this trace."""
     example = s.task.splits["train"][0]
-    batch = {k: jax.ShapeDtypeStruct((batch_size,) + np.shape(v), np.asarray(v).dtype)
-             for k, v in example.items()}
-    jax.eval_shape(s.train_step, s.abstract, batch, jax.ShapeDtypeStruct((), jnp.int32))
+    batch = {k: jax.ShapeDtypeStruct((batch_size,) + np.shape(v), np.asarray(v).dtype,
+                                     sharding=s.data_sharding) for k, v in example.items()}
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                         s.state)
+    jax.eval_shape(s.train_step, state, batch, jax.ShapeDtypeStruct((), jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------------
