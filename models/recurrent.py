@@ -73,7 +73,7 @@ import numpy as np
 from flax import nnx
 
 import attention
-from models.encoder import DTYPES, EncoderBlock, sinusoidal_positions
+from models.encoder import DTYPES, EncoderBlock, dropout_rngs, sinusoidal_positions
 from models.multihead import MultiHeadAttention, layer_hparams
 from models.settings import ModelSettings
 
@@ -432,6 +432,7 @@ class XLEncoder(nnx.Module):
         training with a convolution compressor (and recon_weight > 0) the reconstruction loss
         is left in self.recon_loss (an AuxLoss, popped by the training loop)."""
         b, t = tokens.shape
+        rngs = dropout_rngs(rngs) if train else rngs   # Philox masks, as the encoder's
         if t > self.max_len:
             raise ValueError(f"input length {t} exceeds the model's max_len {self.max_len}")
         x = self.embed(tokens)

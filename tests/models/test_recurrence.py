@@ -518,3 +518,33 @@ def test_compressive_config_errors():
     c.model.update(compression="conv", recon_weight=-1.0)
     with pytest.raises(ConfigError, match="model.recon_weight"):
         validate_config(c)
+
+
+def _random_bits_keys(jaxpr):
+    """The key dtypes random_bits draws from, in jaxpr and every jaxpr nested in it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "random_bits":
+            found.append(str(eqn.invars[0].aval.dtype))
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _random_bits_keys(inner)
+    return found
+
+
+def test_xl_dropout_masks_are_philox_like_the_encoders():
+    """XL's dropout draws its masks from models/dropout_prng's elementwise Philox (as the
+    encoder does; threefry's per-call buffers grew memory under remat): threefry only draws
+    the one Philox key per forward pass."""
+    from models.dropout_prng import IMPL
+    c = xl_config(dropout_rate=0.1, attention_dropout_rate=0.1, num_layers=1)
+    graphdef, state = nnx.split(build(c))
+    tokens, mask = _inputs()
+
+    def forward(state):
+        return nnx.merge(graphdef, state)(tokens, mask, train=True, rngs=nnx.Rngs(dropout=0))
+    keys = _random_bits_keys(jax.make_jaxpr(forward)(state).jaxpr)
+    philox = [k for k in keys if k == f"key<{IMPL}>"]
+    assert len(philox) >= 3 and len(keys) - len(philox) == 1, keys
