@@ -180,12 +180,13 @@ def initial_state(build: Callable, sharding: NamedSharding, *, jit: bool | None 
     """(graphdef, abstract, state) of the (model, optimizer) that build() makes.
 
     Shapes come first: nnx.eval_shape traces build without allocating anything (a bad
-    hyperparameter fails here), and the parameter count is read from that abstract state. The state is then made in `sharding`. jit=None picks by backend: on an
-    accelerator one jitted init writes every array straight into its sharding (big_vision's
-    habit); on the CPU the init runs op by op and is put there: compiling the whole init takes
-    longer here than running it, and op by op gives the values every committed figure trained
-    from (under jit, XLA folds the scale of the normal inits into the sampler, which moves
-    their last bits; tests/test_train.py holds the two within 1e-7)."""
+    hyperparameter fails here), and the parameter count is read from that abstract state.
+    The state is then made in `sharding`. jit=None picks by backend: on an accelerator one
+    jitted init writes every array straight into its sharding (big_vision's habit); on the CPU
+    the init runs op by op and is put there: compiling the whole init takes longer here than
+    running it, and op by op gives the values every committed figure trained from (under jit,
+    XLA folds the scale of the normal inits into the sampler, which moves their last bits;
+    tests/test_train.py holds the two within 1e-7)."""
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
     if jit is None:
         jit = jax.default_backend() != "cpu"
