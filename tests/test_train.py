@@ -142,21 +142,26 @@ def test_unknown_task(tmp_path):
 
 
 def test_state_shapes_come_before_the_arrays(tmp_path):
-    """setup reads shapes from nnx.eval_shape; the jitted init (accelerators) makes the same
-    arrays in the requested sharding as the op-by-op init (CPU), up to the float rounding of
-    the normal inits' scale folded into the sampler."""
+    """initial_state reads shapes from nnx.eval_shape; the jitted init (accelerators) makes the
+    same arrays in the requested sharding as the op-by-op init (CPU), up to the float rounding
+    of the normal inits' scale folded into the sampler."""
     from jax.sharding import NamedSharding, PartitionSpec
+
+    import lra
     from models import count_params
-    from training.loop import model_and_optimizer, setup
+    from training.loop import initial_state, make_mesh, model_and_optimizer, setup
     c = tiny_config(tmp_path)
-    eager, jitted = setup(c, jit_init=False), setup(c, jit_init=True)
+    task = lra.get_task(c.data)
+    build = lambda: model_and_optimizer(c, task)  # noqa: E731
+    replicated = NamedSharding(make_mesh(), PartitionSpec())
+    _, abstract, eager = initial_state(build, replicated, jit=False)
+    _, _, jitted = initial_state(build, replicated, jit=True)
     leaves = jax.tree_util.tree_leaves_with_path
-    shapes = {jax.tree_util.keystr(p): (x.shape, x.dtype) for p, x in leaves(eager.abstract)}
-    assert shapes == {jax.tree_util.keystr(p): (x.shape, x.dtype)
-                      for p, x in leaves(eager.state)}
-    assert eager.num_params == count_params(model_and_optimizer(c, eager.task)[0]) > 0
-    for (path, a), (_, b) in zip(leaves(eager.state), leaves(jitted.state)):
-        assert b.sharding.is_equivalent_to(NamedSharding(eager.mesh, PartitionSpec()), b.ndim)
+    shapes = {jax.tree_util.keystr(p): (x.shape, x.dtype) for p, x in leaves(abstract)}
+    assert shapes == {jax.tree_util.keystr(p): (x.shape, x.dtype) for p, x in leaves(eager)}
+    assert setup(c).num_params == count_params(build()[0]) > 0
+    for (path, a), (_, b) in zip(leaves(eager), leaves(jitted)):
+        assert b.sharding.is_equivalent_to(replicated, b.ndim)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-7,
                                    err_msg=jax.tree_util.keystr(path))
 

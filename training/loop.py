@@ -157,7 +157,6 @@ class Setup:
     mesh: Mesh
     graphdef: Any
     state: Any                      # nnx.State of (model, optimizer), replicated on the mesh
-    abstract: Any                   # the same as ShapeDtypeStructs (nnx.eval_shape)
     data_sharding: NamedSharding
     train_step: Callable
     eval_step: Callable
@@ -198,9 +197,8 @@ def initial_state(build: Callable, sharding: NamedSharding, *, jit: bool | None 
     return graphdef, abstract, state
 
 
-def setup(config, *, jit_init: bool | None = None) -> Setup:
-    """Builds task, model, optimizer and the jitted steps; writes nothing to the workdir.
-    jit_init: see initial_state (None: jitted on accelerators, op by op on the CPU)."""
+def setup(config) -> Setup:
+    """Builds task, model, optimizer and the jitted steps; writes nothing to the workdir."""
     if config.train.distributed:
         init_distributed(config.train)
     task = lra.get_task(config.data)
@@ -215,7 +213,7 @@ def setup(config, *, jit_init: bool | None = None) -> Setup:
     objectives.check_task(objective, task, config.attention.name)
     replicated = NamedSharding(mesh, P())
     graphdef, abstract, state = initial_state(lambda: model_and_optimizer(config, task),
-                                              replicated, jit=jit_init)
+                                              replicated)
     init = None
     if config.train.get("init_from", ""):
         model, _ = nnx.merge(graphdef, state)
@@ -224,8 +222,8 @@ def setup(config, *, jit_init: bool | None = None) -> Setup:
         opt = nnx.Optimizer(model, optim.optimizer(config.train), wrt=nnx.Param)
         state = jax.device_put(nnx.split((model, opt))[1], replicated)
     objective = objectives.get(objective, config)
-    return Setup(task=task, mesh=mesh, graphdef=graphdef, state=state, abstract=abstract,
-                 init=init, data_sharding=NamedSharding(mesh, P("data")),
+    return Setup(task=task, mesh=mesh, graphdef=graphdef, state=state, init=init,
+                 data_sharding=NamedSharding(mesh, P("data")),
                  train_step=jax.jit(make_train_step(graphdef, config.seed, objective),
                                     donate_argnums=0),
                  eval_step=jax.jit(make_eval_step(graphdef, objective)),
